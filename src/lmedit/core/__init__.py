@@ -1,0 +1,1 @@
+"""Shared mechanisms: hooks, deltas, patches, forward helpers. Each lives here once."""

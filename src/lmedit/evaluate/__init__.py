@@ -1,0 +1,1 @@
+"""Evaluation: scores a model (or a model with a patch applied); never imports methods."""

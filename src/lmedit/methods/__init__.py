@@ -1,0 +1,1 @@
+"""Editing methods: one small module each, registered with ``lmedit.registry.register_method``."""
