@@ -127,7 +127,7 @@ ARCH_TABLE: dict[str, ArchSpec] = {
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
         ln_f="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head|embed_out",  # transformers >= 5 | older releases
         embed="gpt_neox.embed_in",
     ),
     "opt": ArchSpec(
@@ -187,6 +187,7 @@ def resolve_arch(model: nn.Module, override: ArchSpec | dict | None = None) -> A
                 if spec is None
                 else replace(spec, **override)
             )
+    spec = _pick_alternatives(model, spec)
     layers = get_submodule(model, spec.layers)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ArchitectureError(f"{spec.layers!r} is not a non-empty ModuleList of decoder layers")
@@ -195,6 +196,28 @@ def resolve_arch(model: nn.Module, override: ArchSpec | dict | None = None) -> A
     for comp in ("ln_f", "lm_head", "embed"):
         get_submodule(model, spec.module_name(comp))
     return spec
+
+
+def _pick_alternatives(model: nn.Module, spec: ArchSpec) -> ArchSpec:
+    """Table paths may list alternatives ``"a|b"`` (module names that changed between transformers releases);
+    keep the first that exists in ``model``."""
+    chosen = {}
+    for f in ArchSpec.__dataclass_fields__:
+        value = getattr(spec, f)
+        if f == "name" or "|" not in value:
+            continue
+        options = value.split("|")
+        for option in options:
+            path = f"{spec.layers.split('|')[0]}.0.{option}" if f in LAYER_COMPONENTS else option
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                continue
+            chosen[f] = option
+            break
+        else:
+            chosen[f] = options[0]
+    return replace(spec, **chosen) if chosen else spec
 
 
 def weight_layout(module: nn.Module) -> str:

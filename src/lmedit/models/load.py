@@ -154,6 +154,23 @@ def _load_folder(
     return model, tok
 
 
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a bundled name or local folder (cheap once the model cache exists)."""
+    from transformers import AutoTokenizer
+
+    text = str(spec)
+    if text in BUNDLED:
+        folder = _dequantized_cache(BUNDLED[text]())
+        if not (folder / "tokenizer_config.json").exists():
+            return load_model(text).tokenizer
+    else:
+        folder = Path(text).expanduser()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _offline() -> bool:
     return any(
         os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "LMEDIT_OFFLINE")
