@@ -1,0 +1,341 @@
+"""Values v*: optimise a vector added at the subject's last token so the model says the new target.
+
+    >>> res = optimize_values(loaded, requests, sites=["model.layers.6.mlp.down_proj"], templates=templates)
+    >>> res.delta["model.layers.6.mlp.down_proj"].shape      # [n_requests, d_model]
+    >>> res.init[...]                                        # the site's original output there (plain prompt)
+
+For each request a delta is added to the output of each ``site`` module (ROME: the layer's MLP output
+projection; MEMIT: the decoder layer; PMET: attention and MLP output projections) at the subject's last token
+of every prompt: the context-template prompts (teacher-forced target NLL) and the essence prompt ``"{} is a"``
+(KL divergence to the unedited next-token distribution). The loss per request is::
+
+    NLL(target | template prompts)  +  kl_factor * KL(p_orig || p_edit)("{} is a")  +  weight_decay * |d| / |v0|^2
+
+and |d| is clamped to ``clamp_norm_factor * |v0|`` after every Adam step (v0: the site's original output at the
+plain prompt), as in ROME/MEMIT.
+
+Speed. The delta changes nothing before the subject's last token, so the prefix of every prompt (the template,
+BOS, and the prompt up to the subject's last token) runs ONCE with a key/value cache; each step then runs only
+the suffix (subject's last token + rest of prompt + target tokens) on top of a copy of that cache. Gradients
+flow only from the site's layer upward (nothing below it depends on the delta), the final norm output is taken
+with a stopping Trace (the LM head never runs on the whole sequence), and logits are computed only at target
+positions and the essence prompts' last positions. Requests are optimised together in one batch (their deltas
+are independent: the summed loss gives each its own gradient), each stopping when its loss is below
+``early_stop``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmedit.core.hooks import Trace, TraceDict
+from lmedit.models import tokens
+from lmedit.models.arch import final_logits
+from lmedit.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValueResult:
+    """Optimised deltas per site.
+
+    Attributes:
+        delta: ``{site: [n_requests, d]}`` the optimised additive vectors (float32).
+        init: ``{site: [n_requests, d]}`` the site's original output at the plain prompt's subject token.
+        loss: final loss per request; nll: final target NLL per request (mean over template prompts).
+        steps: steps taken per request.
+        timing: seconds spent in the prefix pass, the optimisation steps and in total.
+    """
+
+    delta: dict[str, torch.Tensor]
+    init: dict[str, torch.Tensor]
+    loss: list[float]
+    nll: list[float]
+    steps: list[int]
+    timing: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    req: int
+    ids: list[int]  # model input ids (prompt + target[:-1], or the essence prompt)
+    subject: int  # subject's last token index in ids
+    targets: list[tuple[int, int]]  # (position in ids whose logits predict it, token id)
+    kl: bool = False
+    plain: bool = False
+
+
+def _rows(
+    tok, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompt: str | None
+) -> list[_Row]:
+    rows: list[_Row] = []
+    plain_t = templates.index("{}") if "{}" in templates else 0
+    for i, r in enumerate(requests):
+        start, end = r.subject_span
+        for ti, t in enumerate(templates):
+            prefix = t[:-2]
+            text = prefix + r.prompt_text
+            s = tokens.subject_last_index(tok, text, start + len(prefix), end + len(prefix))
+            enc = tokens.encode_pair(tok, text, r.target_new)
+            ids = enc.ids[:-1]
+            tg = [(enc.prompt_len - 1 + j, enc.ids[enc.prompt_len + j]) for j in range(enc.target_len)]
+            rows.append(_Row(i, ids, s, tg, plain=ti == plain_t))
+        if kl_prompt:
+            text = kl_prompt.replace("{}", r.subject)
+            ks = kl_prompt.index("{}")
+            s = tokens.subject_last_index(tok, text, ks, ks + len(r.subject))
+            ids, _ = tokens.encode_prompt(tok, text)
+            rows.append(_Row(i, ids, s, [], kl=True))
+    return rows
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(x, new):
+    return (new, *x[1:]) if isinstance(x, tuple) else new
+
+
+def optimize_values(
+    loaded,
+    requests: Sequence[EditRequest],
+    sites: Sequence[str],
+    templates: Sequence[str],
+    *,
+    steps: int = 25,
+    lr: float = 0.5,
+    kl_factor: float = 0.0625,
+    weight_decay: float = 0.5,
+    clamp_norm_factor: float = 4.0,
+    early_stop: float = 5e-2,
+    kl_prompt: str | None = "{} is a",
+    batch_requests: int = 16,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> ValueResult:
+    """Optimise one additive vector per request and site (see module docstring).
+
+    Args:
+        loaded: a LoadedModel (not modified).
+        requests: edit requests.
+        sites: module names whose output gets the delta at the subject's last token.
+        templates: context templates (``"...{}"``); the NLL is averaged over them.
+        steps, lr: Adam steps and learning rate.
+        kl_factor: weight of the KL essence term (0 disables it).
+        weight_decay: weight of ``|d| / |v0|^2``.
+        clamp_norm_factor: |d| <= clamp_norm_factor * |v0| after every step.
+        early_stop: a request stops once its loss is below this.
+        kl_prompt: essence prompt template (``None`` to skip it).
+        batch_requests: requests optimised together.
+        overrides: ``{param_name: tensor}`` used instead of the model's parameters (earlier edits of a batch).
+    """
+    t_start = time.perf_counter()
+    n = len(requests)
+    deltas = {s: [] for s in sites}
+    inits = {s: [] for s in sites}
+    losses, nlls, nsteps = [], [], []
+    timing = {"prefix_s": 0.0, "steps_s": 0.0, "step_count": 0}
+    for b in range(0, n, batch_requests):
+        chunk = list(requests[b : b + batch_requests])
+        res = _optimize_chunk(
+            loaded, chunk, sites, list(templates), steps, lr, kl_factor, weight_decay, clamp_norm_factor,
+            early_stop, kl_prompt, timing, overrides,
+        )  # fmt: skip
+        for s in sites:
+            deltas[s].append(res[0][s])
+            inits[s].append(res[1][s])
+        losses += res[2]
+        nlls += res[3]
+        nsteps += res[4]
+    timing["total_s"] = time.perf_counter() - t_start
+    timing["per_step_s"] = timing["steps_s"] / max(timing["step_count"], 1)
+    return ValueResult(
+        {s: torch.cat(v) for s, v in deltas.items()},
+        {s: torch.cat(v) for s, v in inits.items()},
+        losses,
+        nlls,
+        nsteps,
+        timing,
+    )
+
+
+def _cache_kwarg(model) -> str:
+    """``cache`` in recent transformers, ``past_key_values`` before (the old name warns of removal)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _call(model, overrides, **kwargs):
+    if overrides:
+        return torch.func.functional_call(model, overrides, (), kwargs, strict=False)
+    return model(**kwargs)
+
+
+def _optimize_chunk(
+    loaded, requests, sites, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, kl_prompt, timing,
+    overrides,
+):  # fmt: skip
+    model, tok = loaded
+    arch = loaded.arch
+    device = loaded.device
+    rows = _rows(tok, requests, templates, kl_prompt if kl_factor > 0 else None)
+    n_req, n_rows = len(requests), len(rows)
+    pid = tokens.pad_id(tok)
+    P = max(r.subject for r in rows)  # prefix width (left-padded)
+    S = max(len(r.ids) - r.subject for r in rows)  # suffix width (right-padded)
+    pre_ids = torch.full((n_rows, P), pid, dtype=torch.long)
+    suf_ids = torch.full((n_rows, S), pid, dtype=torch.long)
+    mask = torch.zeros((n_rows, P + S), dtype=torch.long)
+    pre_pos = torch.zeros((n_rows, P), dtype=torch.long)
+    suf_pos = torch.zeros((n_rows, S), dtype=torch.long)
+    for i, r in enumerate(rows):
+        p, s_len = r.subject, len(r.ids) - r.subject
+        if p:
+            pre_ids[i, P - p :] = torch.tensor(r.ids[:p])
+            pre_pos[i, P - p :] = torch.arange(p)
+        suf_ids[i, :s_len] = torch.tensor(r.ids[p:])
+        suf_pos[i] = torch.arange(p, p + S)
+        mask[i, P - p : P + s_len] = 1
+    # target positions (in suffix coordinates) and the essence prompts' last positions
+    t_row, t_pos, t_tok = [], [], []
+    for i, r in enumerate(rows):
+        for pos, tid in r.targets:
+            t_row.append(i)
+            t_pos.append(pos - r.subject)
+            t_tok.append(tid)
+    t_row_t = torch.tensor(t_row, device=device)
+    t_pos_t = torch.tensor(t_pos, device=device)
+    t_tok_t = torch.tensor(t_tok, device=device)
+    kl_rows = [i for i, r in enumerate(rows) if r.kl]
+    kl_row_t = torch.tensor(kl_rows, dtype=torch.long, device=device)
+    kl_pos_t = torch.tensor([len(rows[i].ids) - 1 - rows[i].subject for i in kl_rows], device=device)
+    row_req = torch.tensor([r.req for r in rows], device=device)  # [n_rows]
+    tok_req = row_req[t_row_t]  # [n_target_tokens]
+    # per-row weight so each template prompt's NLL is a mean over its target tokens, then a mean over templates
+    n_tmpl = len(templates)
+    tok_w = torch.tensor([1.0 / (len(rows[i].targets) * n_tmpl) for i in t_row], device=device)
+    plain_rows = [i for i, r in enumerate(rows) if r.plain]
+
+    # ---- prefix pass: once, cached
+    t0 = time.perf_counter()
+    cache = None
+    if P > 0:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), Trace(model, arch.ln_f, stop=True):
+            _call(
+                model,
+                overrides,
+                input_ids=pre_ids.to(device),
+                attention_mask=mask[:, :P].to(device),
+                position_ids=pre_pos.to(device),
+                **{_cache_kwarg(model): cache},
+                use_cache=True,
+            )
+    timing["prefix_s"] += time.perf_counter() - t0
+
+    d_sites = {}
+    init: dict[str, torch.Tensor] = {}
+    state = {"capture": True}
+
+    def edit(output, name):
+        h = _first(output)  # [rows, S, d]
+        if state["capture"]:
+            init[name] = h[plain_rows, 0].detach().float()
+            return output
+        d = d_sites[name][row_req].to(h.dtype)  # [rows, d]
+        h = torch.cat([h[:, :1] + d[:, None], h[:, 1:]], dim=1)
+        return _replace_first(output, h)
+
+    suf_ids_d, mask_d, suf_pos_d = suf_ids.to(device), mask.to(device), suf_pos.to(device)
+
+    def forward():
+        kv = copy.deepcopy(cache) if cache is not None else None
+        with (
+            TraceDict(model, sites, retain_output=False, edit_output=edit),
+            Trace(model, arch.ln_f, stop=True) as fin,
+        ):
+            _call(
+                model,
+                overrides,
+                input_ids=suf_ids_d,
+                attention_mask=mask_d,
+                position_ids=suf_pos_d,
+                **{_cache_kwarg(model): kv},
+                use_cache=kv is not None,
+            )
+        return fin.output  # [rows, S, d_model]
+
+    # a first forward without deltas: the sites' original outputs (init) and the essence reference
+    with torch.no_grad():
+        hidden0 = forward()
+    state["capture"] = False
+    for s in sites:
+        d_sites[s] = torch.zeros(n_req, init[s].shape[-1], device=device, requires_grad=True)
+    ref_kl = None
+    if len(kl_rows):
+        logits0 = final_logits(model, arch, hidden0[kl_row_t, kl_pos_t]).float()
+        ref_kl = torch.log_softmax(logits0, -1)  # [n_req, vocab]
+    init_norm = {s: init[s].norm(dim=-1).clamp_min(1e-8) for s in sites}  # [n_req]
+    opt = torch.optim.Adam(list(d_sites.values()), lr=lr)
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    steps_taken = [0] * n_req
+    last_loss = torch.zeros(n_req)
+    last_nll = torch.zeros(n_req)
+
+    t1 = time.perf_counter()
+    for step in range(steps):
+        hidden = forward()
+        logits = final_logits(model, arch, hidden[t_row_t, t_pos_t]).float()  # [n_tok, vocab]
+        lp = torch.log_softmax(logits, -1).gather(1, t_tok_t[:, None])[:, 0]
+        nll = torch.zeros(n_req, device=device).index_add(0, tok_req, -lp * tok_w)  # [n_req]
+        loss = nll.clone()
+        if ref_kl is not None:
+            kl_lp = torch.log_softmax(final_logits(model, arch, hidden[kl_row_t, kl_pos_t]).float(), -1)
+            kl = (ref_kl.exp() * (ref_kl - kl_lp)).sum(-1)  # [n_req], KL(orig || edited)
+            loss = loss + kl_factor * kl  # one essence prompt per request, in request order
+        for s in sites:
+            loss = loss + weight_decay * d_sites[s].norm(dim=-1) / init_norm[s] ** 2
+        last_loss = loss.detach().cpu()
+        last_nll = nll.detach().cpu()
+        for i in range(n_req):
+            if active[i]:
+                steps_taken[i] = step + 1
+        active &= loss.detach() >= early_stop
+        if not active.any() or step == steps - 1:
+            break
+        opt.zero_grad()
+        loss[active].sum().backward()
+        frozen = {s: d_sites[s].detach()[~active].clone() for s in sites}
+        opt.step()
+        with torch.no_grad():
+            for s in sites:
+                d = d_sites[s]
+                d[~active] = frozen[s]
+                limit = clamp * init_norm[s]  # [n_req]
+                norm = d.norm(dim=-1).clamp_min(1e-12)
+                d.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
+    timing["steps_s"] += time.perf_counter() - t1
+    timing["step_count"] += max(steps_taken)
+    log.info(
+        "values: %d request(s), loss %s after %s steps",
+        n_req,
+        [round(x, 3) for x in last_loss.tolist()],
+        steps_taken,
+    )
+    return (
+        {s: d_sites[s].detach().clone() for s in sites},
+        init,
+        last_loss.tolist(),
+        last_nll.tolist(),
+        steps_taken,
+    )

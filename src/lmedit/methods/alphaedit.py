@@ -1,0 +1,136 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's pipeline with the update projected onto the preserved keys' null space.
+
+Per layer, P projects onto the eigenvectors of C = E[k k^T] whose eigenvalue is below ``nullspace_threshold``
+(directions the preserved knowledge does not use). The update solves
+
+    Delta^T = (P (Kp Kp^T + K K^T) + l2 I)^-1 P K R^T        (``core.solvers.projected_least_squares``)
+
+so Delta lies in the range of P and leaves preserved keys' outputs untouched; Kp are the keys of earlier
+sequential edits. That sequential state is an explicit ``AlphaEditState`` carried in each patch
+(``patch.extras``, saved with it) and passed to the next edit as ``previous=`` (a state or the previous patch):
+
+    >>> p1 = lmedit.edit(loaded, batch1, method="alphaedit")
+    >>> session.apply(p1)
+    >>> p2 = lmedit.edit(loaded, batch2, method="alphaedit", previous=p1)   # or AlphaEditState.from_patch(p1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmedit.config import hp
+from lmedit.core.patch import EditPatch
+from lmedit.core.solvers import null_space_projector, projected_least_squares
+from lmedit.errors import ConfigError
+from lmedit.methods.memit import PRESETS as MEMIT_PRESETS
+from lmedit.methods.memit import MEMITConfig, resolved_layers, run_pipeline
+from lmedit.registry import register_method
+from lmedit.request import EditRequest
+
+_PREFIX = "alphaedit.keys."
+
+
+@dataclass
+class AlphaEditState:
+    """Keys of all edits made so far in a sequence, per layer: ``{layer: [d_in, n_edits]}`` (float32)."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def gram(self, layer: int) -> torch.Tensor | None:
+        """Kp Kp^T [d_in, d_in] float64 of the earlier edits at ``layer`` (None when there are none)."""
+        k = self.keys.get(layer)
+        return None if k is None else k.double() @ k.double().T
+
+    def extended(self, new: dict[int, torch.Tensor]) -> AlphaEditState:
+        """A new state with ``new`` keys ([d_in, n]) appended per layer (self is unchanged)."""
+        out = dict(self.keys)
+        for layer, k in new.items():
+            k = k.detach().float().cpu()
+            out[layer] = torch.cat([out[layer], k], 1) if layer in out else k
+        return AlphaEditState(out)
+
+    def to_extras(self) -> dict[str, torch.Tensor]:
+        return {f"{_PREFIX}{layer}": k.contiguous() for layer, k in self.keys.items()}
+
+    @classmethod
+    def from_patch(cls, patch: EditPatch) -> AlphaEditState:
+        """The state after ``patch`` (an AlphaEdit patch, fresh or loaded from disk)."""
+        if patch.method != "alphaedit":
+            raise ConfigError(f"previous: expected an alphaedit patch, got a {patch.method!r} patch")
+        return cls({int(k[len(_PREFIX) :]): v for k, v in patch.extras.items() if k.startswith(_PREFIX)})
+
+    @property
+    def n_edits(self) -> int:
+        return max((k.shape[1] for k in self.keys.values()), default=0)
+
+
+@dataclass
+class AlphaEditConfig(MEMITConfig):
+    nullspace_threshold: float = hp(
+        1e-2,
+        "Eigenvalues of E[k k^T] below this fraction of the largest (or below this value when "
+        "nullspace_relative=False) span the null space the update is confined to.",
+    )
+    nullspace_relative: bool = hp(
+        True, "Threshold relative to the largest eigenvalue (False: absolute, as the paper's 2e-2)."
+    )
+    l2: float = hp(10.0, "Ridge l2 on the projected update (AlphaEdit's L2).")
+    previous: Any = hp(
+        None,
+        "Sequential state: an AlphaEditState or the previous alphaedit EditPatch (None: first edit).",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nullspace_threshold <= 0 or self.l2 < 0:
+            raise ConfigError("nullspace_threshold must be > 0 and l2 >= 0")
+        if self.previous is not None and not isinstance(self.previous, (AlphaEditState, EditPatch)):
+            raise ConfigError(
+                f"previous must be an AlphaEditState or an alphaedit EditPatch, got {type(self.previous).__name__}"
+            )
+
+    def to_dict(self) -> dict:
+        prev = self.previous
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "previous"}
+        state = AlphaEditState.from_patch(prev) if isinstance(prev, EditPatch) else prev
+        d["previous"] = None if state is None else f"AlphaEditState({state.n_edits} earlier edits)"
+        return d
+
+
+@register_method("alphaedit", AlphaEditConfig, family="locate-then-edit", presets=MEMIT_PRESETS)
+def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig) -> EditPatch:
+    """AlphaEdit: MEMIT with the update projected onto the null space of preserved keys (sequential-safe)."""
+    layers = resolved_layers(loaded, config)
+    prev = config.previous
+    state = AlphaEditState.from_patch(prev) if isinstance(prev, EditPatch) else (prev or AlphaEditState())
+    ranks: dict[str, int] = {}
+
+    def solve(layer: int, k: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        p = null_space_projector(c, config.nullspace_threshold, config.nullspace_relative)  # [in, in]
+        rank = int(round(float(p.trace())))
+        ranks[str(layer)] = rank
+        if rank == 0:
+            raise ConfigError(
+                f"layer {layer}: no eigenvalue of E[k k^T] is below nullspace_threshold="
+                f"{config.nullspace_threshold}; raise it (the null space is empty, nothing can be edited)"
+            )
+        gram = state.gram(layer)
+        return projected_least_squares(k, r, p, None if gram is None else gram.to(k.device), config.l2)
+
+    deltas, info, keys = run_pipeline(loaded, requests, config, layers, solve)
+    new_state = state.extended(keys)
+    info["nullspace_rank"] = ranks
+    info["sequential_edits_before"] = state.n_edits
+    return EditPatch(
+        method="alphaedit",
+        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
+        requests=[r.to_dict() for r in requests],
+        deltas=deltas,
+        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
+        info=info,
+        extras=new_state.to_extras(),
+    )

@@ -1,0 +1,184 @@
+"""MEMIT (Meng et al. 2023): many edits at once, spread over a range of layers by least squares.
+
+For requests i = 1..n and layers l_1 < ... < l_m = L:
+
+1. z_i = h_L(i) + delta_i: the decoder layer L's output at the subject's last token, plus the optimised delta
+   (``core.values`` with the layer as the site; all requests in one batched optimisation).
+2. For each l in order, with the updates of the layers below already in place (parameter overrides, never
+   written to the model): keys K_l [in, n] (template-averaged, ``core.keys``); current h_L at the subject
+   token; residual R = (z - h_L) / (number of layers left); Delta_l = R K^T (lam C_l + K K^T)^-1
+   (``core.solvers.least_squares``).
+
+``run_pipeline`` is this loop with the solve as a parameter: AlphaEdit (null-space projection), EMMET
+(equality constraints) and PMET (attention + MLP values) reuse it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lmedit.config import hp
+from lmedit.core.delta import DenseDelta
+from lmedit.core.keys import compute_keys, mlp_out_weight, run_sites, template_site
+from lmedit.core.patch import EditPatch
+from lmedit.core.solvers import least_squares
+from lmedit.core.stats import covariances
+from lmedit.core.values import optimize_values
+from lmedit.errors import ConfigError
+from lmedit.methods.rome import LocateEditConfig, check_layers
+from lmedit.registry import register_method
+from lmedit.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MEMITConfig(LocateEditConfig):
+    layers: list[int] | None = hp(None, "Decoder layers to spread the update over (default: model preset).")
+    mom2_update_weight: float = hp(
+        15000.0, "lam: weight of the preserved-key covariance E[k k^T] against the edits' K K^T."
+    )
+    clamp_norm_factor: float = hp(0.75, "Clamp |delta| to this multiple of the residual norm |h_L|.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mom2_update_weight < 0:
+            raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+        if self.layers is not None and not self.layers:
+            raise ConfigError("layers must not be empty")
+
+
+#: Layer presets for the bundled models (quick sweep, see docs/locate-then-edit.md).
+PRESETS = {
+    "gemma3-270m": {"layers": [2, 3, 4, 5, 6]},
+    "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},
+}
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Five consecutive layers ending near 30% of the stack (GPT-J: 3..8 of 28), clipped for small models."""
+    last = max(0, min(n_layers - 1, round(n_layers * 0.3)))
+    return list(range(max(0, last - 4), last + 1))
+
+
+#: solve(layer, K [in, n], R [out, n], C [in, in]) -> Delta [out, in]
+Solve = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_pipeline(
+    loaded,
+    requests: list[EditRequest],
+    config: LocateEditConfig,
+    layers: list[int],
+    solve: Solve,
+    value_sites: list[str] | None = None,
+    z_site: str | None = None,
+    realised: bool = False,
+) -> tuple[list[DenseDelta], dict, dict[int, torch.Tensor]]:
+    """The MEMIT loop (see module docstring) with a pluggable solve.
+
+    Args:
+        layers: ascending layer indices; values are optimised at the last one.
+        solve: the per-layer closed form.
+        value_sites: modules whose outputs get optimised deltas (default: decoder layer L).
+        z_site: module whose output space the targets live in (default: decoder layer L; with a single layer,
+            its MLP output projection, where the delta is exactly what the weight must add); must be one of
+            ``value_sites``.
+        realised: measure progress by the updates' own outputs (sum of Delta_j K_j of the layers done) instead
+            of a forward pass (PMET: targets in MLP-output space, which lower layers' edits do not reach).
+
+    Returns:
+        (deltas, info, keys) where keys maps each layer to its K [in, n] (float32).
+    """
+    t0 = time.perf_counter()
+    arch = loaded.arch
+    layers = sorted(layers)
+    check_layers(loaded, layers, "layers")
+    top = layers[-1]
+    if z_site is None:
+        z_site = arch.module_name("mlp_out" if len(layers) == 1 else "layer", top)
+    value_sites = value_sites or [z_site]
+    templates = config.templates(loaded)
+    cov, prov = covariances(loaded, layers, config.stats_corpus, config.stats_tokens, config.stats_seq_len)
+    t_stats = time.perf_counter()
+    vals = optimize_values(loaded, requests, value_sites, templates, **config.value_kwargs())
+    t_vals = time.perf_counter()
+    z = vals.init[z_site] + vals.delta[z_site]  # [n, d]
+    plain = [template_site(loaded.tokenizer, r, "{}") for r in requests]
+    overrides: dict[str, torch.Tensor] = {}
+    deltas: list[DenseDelta] = []
+    keys_used: dict[int, torch.Tensor] = {}
+    per_layer = []
+    for i, layer in enumerate(layers):
+        name, w, layout = mlp_out_weight(loaded, layer)
+        param = loaded.model.get_parameter(name)
+        k = (
+            compute_keys(loaded, requests, [layer], templates, overrides=overrides or None).mean[layer].T
+        )  # [in, n]
+        if realised:
+            cur = (
+                vals.init[z_site] + sum(d["realised"] for d in per_layer) if per_layer else vals.init[z_site]
+            )
+        else:
+            cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]  # [n, d]
+        r = ((z - cur) / (len(layers) - i)).T  # [out, n]
+        upd = solve(layer, k, r, cov[layer])  # [out, in]
+        keys_used[layer] = k
+        per_layer.append(
+            {
+                "layer": layer,
+                "residual_before": float((z - cur).norm(dim=-1).mean()),
+                "update_norm": float(upd.norm()),
+                "fit": float((upd @ k - r).norm() / r.norm().clamp_min(1e-12)),
+                "realised": (upd @ k).T,  # [n, out], dropped from info below
+            }
+        )
+        stored = (upd if layout == "out_in" else upd.T).contiguous()
+        overrides[name] = (param.float() + stored).to(param.dtype)
+        deltas.append(DenseDelta(name, stored.cpu()))
+    cur = run_sites(loaded, plain, [z_site], overrides, retain="output")[z_site]
+    for d in per_layer:
+        del d["realised"]
+    info = {
+        "seconds": time.perf_counter() - t0,
+        "stats_seconds": t_stats - t0,
+        "values_seconds": t_vals - t_stats,
+        "solve_seconds": time.perf_counter() - t_vals,
+        "value_timing": vals.timing,
+        "value_loss": vals.loss,
+        "value_steps": vals.steps,
+        "residual_after": float((z - cur).norm(dim=-1).mean()),
+        "layers": per_layer,
+        "statistics": {str(k): v for k, v in prov.items()},
+        "context_templates": templates,
+    }
+    return deltas, info, keys_used
+
+
+def resolved_layers(loaded, config) -> list[int]:
+    n = loaded.arch.n_layers(loaded.model)
+    return sorted(config.layers) if config.layers is not None else default_layers(n)
+
+
+@register_method("memit", MEMITConfig, family="locate-then-edit", presets=PRESETS)
+def edit_memit(loaded, requests: list[EditRequest], config: MEMITConfig) -> EditPatch:
+    """MEMIT: batch edits spread over several layers' MLP output projections by least squares."""
+    layers = resolved_layers(loaded, config)
+
+    def solve(layer: int, k: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return least_squares(k, r, c, config.mom2_update_weight, config.damping)
+
+    deltas, info, _ = run_pipeline(loaded, requests, config, layers, solve)
+    return EditPatch(
+        method="memit",
+        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
+        requests=[r.to_dict() for r in requests],
+        deltas=deltas,
+        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
+        info=info,
+    )

@@ -1,0 +1,120 @@
+"""AlphaEdit: the update lives in the preserved keys' null space; its sequential state travels in the patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.core.patch import EditPatch
+from lmedit.core.solvers import null_space_projector, projected_least_squares
+from lmedit.core.stats import key_stats
+from lmedit.errors import ConfigError
+from lmedit.methods.alphaedit import AlphaEditState
+from lmedit.models.arch import as_out_in, get_submodule, weight_layout
+from tiny_models import tiny_loaded
+
+ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
+REQS = [
+    {
+        "prompt": "The Eiffel Tower is located in the city of",
+        "subject": "Eiffel Tower",
+        "target_new": " Rome",
+    },
+    {
+        "prompt": "The mother tongue of Danielle Darrieux is",
+        "subject": "Danielle Darrieux",
+        "target_new": " English",
+    },
+]
+MORE = [
+    {"prompt": "Michel Rocard is a native speaker of", "subject": "Michel Rocard", "target_new": " German"}
+]
+CORPUS = " ".join(
+    ["Paris is the capital of France.", "The tower was built in 1889.", "She speaks French."] * 40
+)
+#: tiny random models have a flat key spectrum: a generous relative threshold leaves a real null space
+FAST = {"nullspace_threshold": 0.3, "v_steps": 4, "layers": [1, 2]}
+
+
+@pytest.fixture(scope="module")
+def env(smol_tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmedit-cache")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMEDIT_CACHE", str(root))
+        yield {"stats_corpus": str(corpus), "stats_tokens": 2000, "stats_seq_len": 64}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def loaded(request, smol_tok, env):
+    return tiny_loaded(request.param, smol_tok)
+
+
+def test_update_is_orthogonal_to_preserved_keys(loaded, env):
+    snap = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    patch = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **env)
+    assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
+    stats = key_stats(
+        loaded, [1, 2], env["stats_corpus"], env["stats_tokens"], env["stats_seq_len"], progress=False
+    )
+    for layer, d in zip((1, 2), patch.deltas):
+        module = get_submodule(loaded.model, loaded.arch.module_name("mlp_out", layer))
+        delta = as_out_in(d.materialize(), weight_layout(module)).double()  # [out, in]
+        p = null_space_projector(stats[layer].mom2, FAST["nullspace_threshold"])
+        preserved = torch.eye(p.shape[0], dtype=torch.float64) - p  # projector onto the preserved subspace
+        assert 0 < patch.info["nullspace_rank"][str(layer)] < p.shape[0]
+        assert float(delta.norm()) > 0
+        assert float((delta @ preserved).norm() / delta.norm()) < 1e-4
+    assert patch.info["residual_after"] < patch.info["layers"][0]["residual_before"]
+
+
+def test_sequential_state_travels_in_the_patch(loaded, env, tmp_path):
+    p1 = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **env)
+    s1 = AlphaEditState.from_patch(p1)
+    assert s1.n_edits == 2 and sorted(s1.keys) == [1, 2]
+    json.dumps(p1.to_json())  # the config stays JSON-able
+    back = EditPatch.load(p1.save(tmp_path / "p1"))
+    assert sorted(back.extras) == sorted(p1.extras)
+    assert all(torch.equal(back.extras[k], p1.extras[k]) for k in p1.extras)
+    with p1.applied(loaded.model):
+        p2 = lmedit.edit(loaded, MORE, method="alphaedit", previous=back, **FAST, **env)
+        p2b = lmedit.edit(loaded, MORE, method="alphaedit", previous=s1, **FAST, **env)
+    s2 = AlphaEditState.from_patch(p2)
+    assert s2.n_edits == 3 and p2.info["sequential_edits_before"] == 2
+    torch.testing.assert_close(s2.keys[1][:, :2], s1.keys[1])
+    assert p2.config["previous"] == "AlphaEditState(2 earlier edits)"
+    torch.testing.assert_close(p2.deltas[0].materialize(), p2b.deltas[0].materialize())
+    with pytest.raises(ConfigError, match="alphaedit"):
+        lmedit.edit(
+            loaded, MORE, method="alphaedit", previous=lmedit.edit(loaded, MORE, method="ft-m", steps=1)
+        )
+
+
+def test_projected_solver_math():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.linspace(3, 1e-3, 12).double()
+    )
+    c = x.T @ x / 300
+    p = null_space_projector(c, 1e-3)
+    k, r = torch.randn(12, 3, generator=g), torch.randn(6, 3, generator=g)
+    kp = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    upd = projected_least_squares(k, r, p, kp @ kp.T, l2=1.0).double()
+    torch.testing.assert_close(
+        upd @ (torch.eye(12, dtype=torch.float64) - p),
+        torch.zeros(6, 12, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_empty_null_space_is_an_error(smol_tok, env):
+    loaded = tiny_loaded("llama", smol_tok)
+    with pytest.raises(ConfigError, match="nullspace_threshold"):
+        lmedit.edit(
+            loaded, REQS[0], method="alphaedit", nullspace_threshold=1e-9, v_steps=2, layers=[1], **env
+        )

@@ -1,0 +1,113 @@
+"""Keys k* and values v* on tiny random models: positions, template averaging, the cached-prefix optimisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.core.hooks import Trace
+from lmedit.core.keys import DEFAULT_TEMPLATES, check_templates, compute_keys, run_sites, template_site
+from lmedit.core.values import optimize_values
+from lmedit.errors import ConfigError
+from lmedit.models import tokens
+from lmedit.request import EditRequest
+from tiny_models import tiny_loaded
+
+ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
+REQ = EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")
+REQ2 = EditRequest("{} speaks the language", "Danielle Darrieux", " English")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def loaded(request, smol_tok):
+    return tiny_loaded(request.param, smol_tok)
+
+
+def test_template_site_finds_subject_last_token(smol_tok):
+    site = template_site(smol_tok, REQ, "Therefore, {}")
+    assert site.text == "Therefore, " + REQ.prompt_text
+    assert "Tower" in smol_tok.decode(site.ids[site.subject_index])
+    assert "Tower" not in smol_tok.decode(site.ids[site.subject_index + 1])
+
+
+def test_check_templates_rejects_bad_ones():
+    assert check_templates(DEFAULT_TEMPLATES)[0] == "{}"
+    for bad in ([], ["no placeholder"], ["{} trailing"], ["{} and {}"]):
+        with pytest.raises(ConfigError):
+            check_templates(bad)
+
+
+def test_keys_match_a_direct_forward_and_average(loaded):
+    layer = 1
+    keys = compute_keys(loaded, [REQ, REQ2], [layer], ["{}", "Therefore, {}"])
+    assert keys.per_template[layer].shape[:2] == (2, 2)
+    torch.testing.assert_close(keys.mean[layer], keys.per_template[layer].mean(1))
+    # the plain prompt's key, from an unpadded single forward pass
+    site = template_site(loaded.tokenizer, REQ2, "{}")
+    name = loaded.arch.module_name("mlp_out", layer)
+    with torch.no_grad(), Trace(loaded.model, name, retain_input=True, stop=True) as tr:
+        loaded.model(input_ids=torch.tensor([site.ids]))
+    torch.testing.assert_close(
+        keys.plain(layer)[1], tr.input[0, site.subject_index].float(), rtol=1e-5, atol=1e-5
+    )
+
+
+def _mean_nll(loaded, prompts, target):
+    scores = lmedit.score_pairs(loaded, prompts, [target] * len(prompts))
+    return sum(-s.mean_logprob for s in scores) / len(scores)
+
+
+def test_cached_prefix_loss_equals_full_forward(loaded):
+    """At delta = 0 the optimiser's NLL (prefix cached once, suffix recomputed) equals plain scoring."""
+    templates = ["{}", "I read this in a book. {}"]
+    site = loaded.arch.module_name("mlp_out", 1)
+    res = optimize_values(loaded, [REQ, REQ2], [site], templates, steps=1, kl_factor=0.0)
+    for i, r in enumerate([REQ, REQ2]):
+        prompts = [t.replace("{}", r.prompt_text) for t in templates]
+        assert res.nll[i] == pytest.approx(_mean_nll(loaded, prompts, r.target_new), rel=1e-4, abs=1e-4)
+    # init is the site's output at the plain prompt's subject token
+    sites = [template_site(loaded.tokenizer, r, "{}") for r in (REQ, REQ2)]
+    out = run_sites(loaded, sites, [site], retain="output")[site]
+    torch.testing.assert_close(res.init[site], out, rtol=1e-4, atol=1e-4)
+
+
+def test_value_optimisation_lowers_nll_and_respects_clamp(loaded):
+    site = loaded.arch.module_name("layer", 1)
+    snap = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    res = optimize_values(
+        loaded,
+        [REQ],
+        [site],
+        list(DEFAULT_TEMPLATES[:3]),
+        steps=8,
+        lr=0.5,
+        clamp_norm_factor=0.5,
+        early_stop=0.0,
+    )
+    first = optimize_values(loaded, [REQ], [site], list(DEFAULT_TEMPLATES[:3]), steps=1).nll[0]
+    assert res.nll[0] < first
+    assert res.steps == [8]
+    assert float(res.delta[site].norm()) <= 0.5 * float(res.init[site].norm()) * (1 + 1e-5)
+    assert res.timing["prefix_s"] >= 0 and res.timing["step_count"] == 8
+    assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_batched_requests_are_independent(smol_tok):
+    """Optimising two requests together gives each the delta it gets alone (separate losses and Adam states)."""
+    loaded = tiny_loaded("llama", smol_tok)
+    site = loaded.arch.module_name("mlp_out", 1)
+    kw = dict(steps=4, early_stop=0.0, kl_factor=0.0625)
+    both = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
+    alone = optimize_values(loaded, [REQ2], [site], ["{}", "Therefore, {}"], **kw)
+    torch.testing.assert_close(both.delta[site][1], alone.delta[site][0], rtol=1e-3, atol=1e-4)
+
+
+def test_subject_at_start_without_prefix(smol_tok):
+    """GPT-2-style tokenizers add no BOS: a subject at position 0 leaves an empty prefix for the plain prompt."""
+    loaded = tiny_loaded("gpt2", smol_tok)
+    req = EditRequest("{} is located in", "Paris", " France")
+    assert tokens.special_prefix(smol_tok) == []
+    site = loaded.arch.module_name("mlp_out", 0)
+    res = optimize_values(loaded, [req], [site], ["{}"], steps=2, kl_factor=0.0)
+    assert res.nll[0] > 0 and torch.isfinite(res.delta[site]).all()

@@ -1,0 +1,173 @@
+"""ROME, MEMIT, EMMET and PMET on tiny random models (+ one real ROME edit on the bundled Gemma 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmedit
+import lmedit.methods.rome as rome_mod
+from lmedit.core.keys import compute_keys, mlp_out_weight
+from lmedit.core.patch import EditPatch
+from tiny_models import tiny_loaded
+
+ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
+REQS = [
+    {
+        "prompt": "The Eiffel Tower is located in the city of",
+        "subject": "Eiffel Tower",
+        "target_new": " Rome",
+    },
+    {
+        "prompt": "The mother tongue of Danielle Darrieux is",
+        "subject": "Danielle Darrieux",
+        "target_new": " English",
+    },
+]
+CORPUS = " ".join(
+    [
+        "Paris is the capital of France.",
+        "The tower was built in 1889 for the fair.",
+        "She speaks French and English.",
+    ]
+    * 40
+)
+
+
+@pytest.fixture(scope="module")
+def env(smol_tok, tmp_path_factory):
+    """A private statistics cache and a small corpus (the tokenizer fixture is resolved first)."""
+    root = tmp_path_factory.mktemp("lmedit-cache")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMEDIT_CACHE", str(root))
+        yield {"stats_corpus": str(corpus), "stats_tokens": 2000, "stats_seq_len": 64}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def loaded(request, smol_tok, env):
+    return tiny_loaded(request.param, smol_tok)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, snap):
+    return all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("key_mode", ["averaged", "original"])
+def test_rome_rank_one_writes_v_star(loaded, env, monkeypatch, key_mode):
+    captured = {}
+    real = rome_mod.optimize_values
+
+    def spy(*a, **k):
+        captured["res"] = real(*a, **k)
+        return captured["res"]
+
+    monkeypatch.setattr(rome_mod, "optimize_values", spy)
+    snap = _snapshot(loaded.model)
+    patch = lmedit.edit(loaded, REQS[0], method="rome", layer=1, key_mode=key_mode, v_steps=5, **env)
+    assert _same(loaded.model, snap), "ROME mutated the model"
+    (delta,) = patch.deltas
+    assert delta.kind == "lowrank" and delta.left.shape[1] == 1
+    layer, templates = 1, patch.config["context_templates"]
+    req = lmedit.EditRequest(**REQS[0])
+    keys = compute_keys(loaded, [req], [layer], templates)
+    k = keys.mean[layer][0] if key_mode == "averaged" else keys.plain(layer)[0]
+    site = loaded.arch.module_name("mlp_out", layer)
+    _, w, _ = mlp_out_weight(loaded, layer)  # [out, in]
+    v_star = w @ k + captured["res"].delta[site][0]
+    with patch.applied(loaded.model):
+        _, w_new, _ = mlp_out_weight(loaded, layer)
+        err = (w_new @ k - v_star).norm() / v_star.norm()
+    assert float(err) < 1e-4
+    assert _same(loaded.model, snap)
+
+
+def test_rome_raises_target_probability_and_round_trips(loaded, env, tmp_path):
+    patch = lmedit.edit(loaded, REQS, method="rome", layer=1, v_steps=8, **env)
+    assert patch.deltas[0].left.shape[1] == 2  # two sequential rank-one updates
+    prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
+    before = [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
+    with patch.applied(loaded.model):
+        after = [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
+    assert all(a > b for a, b in zip(after, before))
+    back = EditPatch.load(patch.save(tmp_path / "p"))
+    assert back.config == patch.config and back.method == "rome"
+    torch.testing.assert_close(back.deltas[0].materialize(), patch.deltas[0].materialize())
+    with back.applied(loaded.model):
+        again = [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
+    assert again == pytest.approx(after, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_batch_methods_reduce_the_residual(loaded, env, method):
+    snap = _snapshot(loaded.model)
+    patch = lmedit.edit(loaded, REQS, method=method, layers=[1, 2], mom2_update_weight=1.0, v_steps=6, **env)
+    assert _same(loaded.model, snap)
+    assert [d.name for d in patch.deltas] == [
+        loaded.arch.module_name("mlp_out", x) + ".weight" for x in (1, 2)
+    ]
+    info = patch.info
+    assert info["residual_after"] < info["layers"][0]["residual_before"]
+    assert all(x["fit"] < 0.5 for x in info["layers"])
+    prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
+    before = sum(s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets))
+    with patch.applied(loaded.model):
+        after = sum(s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets))
+    assert after > before
+
+
+def test_memit_default_weight_still_moves_towards_target(loaded, env):
+    patch = lmedit.edit(loaded, REQS, method="memit", layers=[1, 2], v_steps=4, **env)
+    assert patch.info["residual_after"] < patch.info["layers"][0]["residual_before"]
+
+
+def test_emmet_meets_equality_constraints(loaded, env):
+    snap = _snapshot(loaded.model)
+    patch = lmedit.edit(loaded, REQS, method="emmet", layers=[1], gram_damping=0.0, v_steps=4, **env)
+    assert _same(loaded.model, snap)
+    assert patch.info["layers"][0]["fit"] < 1e-3  # Delta K = R up to float error
+
+
+def test_templates_are_recorded_and_deterministic(smol_tok, env):
+    loaded = tiny_loaded("llama", smol_tok)
+    a = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **env)
+    b = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **env)
+    assert a.config["context_templates"][0] == "{}" and len(a.config["context_templates"]) == 11
+    torch.testing.assert_close(a.deltas[0].materialize(), b.deltas[0].materialize())
+
+
+# ------------------------------------------------------------------------------------------------ real
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.real
+def test_rome_on_gemma_makes_rome_the_answer(gemma):
+    import importlib.util
+
+    corpus = "gensim-wiki"
+    if importlib.util.find_spec("gensim") is None:
+        corpus = str(DATA / "wikitext-2" / "valid.txt")
+        if not Path(corpus).exists():
+            pytest.skip("neither gensim (default statistics corpus) nor the shared wikitext-2 is available")
+    prompt = "The Eiffel Tower is located in the city of"
+    before = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
+    snap = gemma.model.get_parameter("model.layers.4.mlp.down_proj.weight").clone()
+    patch = lmedit.edit(
+        gemma,
+        {"prompt": prompt, "subject": "Eiffel Tower", "target_new": " Rome"},
+        method="rome",
+        stats_corpus=corpus,
+        stats_tokens=20_000,
+    )
+    assert torch.equal(gemma.model.get_parameter("model.layers.4.mlp.down_proj.weight"), snap)
+    with patch.applied(gemma.model):
+        after = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
+    assert "Rome" not in before
+    assert after.strip().startswith("Rome"), after
