@@ -1,0 +1,124 @@
+"""``lmedit bench``: load a model and a dataset, run one protocol, write and print the Report.
+
+    >>> report = run_bench("gemma3-270m", method="ft-m", dataset="bundled", n=100)
+    >>> print(report.table())
+
+The command line (``lmedit bench --help``) is a thin wrapper over ``run_bench``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lmedit.data.loaders import load_dataset
+from lmedit.evaluate.protocols import ScoringSettings, evaluate
+from lmedit.evaluate.report import Report
+
+log = logging.getLogger(__name__)
+
+
+def run_bench(
+    model: Any = None,
+    method: str = "ft-m",
+    dataset: str = "bundled",
+    n: int | None = None,
+    sample: bool = False,
+    protocol: str = "single",
+    k: int = 1,
+    eval_each_step: bool = False,
+    seed: int = 0,
+    overrides: dict | None = None,
+    settings: ScoringSettings | None = None,
+    out: str | None = None,
+    plot: str | None = None,
+    progress: bool = True,
+) -> Report:
+    """Benchmark ``method`` on ``dataset`` under ``protocol``.
+
+    Args:
+        model: spec for ``load_model`` (default: the bundled default model) or a LoadedModel.
+        method: registered method name.
+        dataset: "bundled" or a path (any format ``load_dataset`` reads).
+        n: number of cases (first n in file order, or a seeded random subset with ``sample``).
+        protocol, k, eval_each_step: see ``lmedit.evaluate.protocols.evaluate``.
+        seed: seeds the subset and the method (``config.seed``, unless ``overrides`` sets it).
+        overrides: method config overrides (strings are coerced, as for ``--set``).
+        out: write the report JSON here; ``plot``: write the retention PNG here (sequential runs).
+    """
+    import lmedit
+    from lmedit.core.patch import versions
+    from lmedit.models.load import DEFAULT_MODEL
+
+    t0 = time.perf_counter()
+    loaded = lmedit.load_model(model if model is not None else DEFAULT_MODEL)
+    load_s = time.perf_counter() - t0
+    ds = load_dataset(dataset, n=n, sample=sample, seed=seed)
+    config = dict(overrides or {})
+    config.setdefault("seed", seed)
+    log.info("bench: %s on %s, %d cases of %s, protocol %s", method, loaded.name, len(ds), ds.name, protocol)
+    report = evaluate(
+        loaded,
+        ds,
+        method=method,
+        protocol=protocol,
+        k=k,
+        eval_each_step=eval_each_step,
+        config=config,
+        settings=settings,
+        progress=progress,
+    )
+    report.meta.update(
+        {
+            "dataset": ds.describe(),
+            "seed": seed,
+            "model": {
+                "name": loaded.name,
+                "arch": loaded.arch.name,
+                "model_type": getattr(loaded.model.config, "model_type", None),
+                "source": loaded.source,
+                "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+                "device": str(loaded.device),
+            },
+            "versions": versions(),
+        }
+    )
+    report.meta["timings"]["load_model_s"] = load_s
+    report.meta = _ordered(report.meta)
+    if out:
+        report.save(out)
+        log.info("report written to %s", out)
+    if plot:
+        from lmedit.evaluate.plots import retention_plot
+
+        retention_plot(report, plot)
+    return report
+
+
+_META_ORDER = (
+    "protocol",
+    "scoring",
+    "dataset",
+    "n",
+    "seed",
+    "model",
+    "method",
+    "config",
+    "config_overrides",
+    "versions",
+    "timings",
+    "edits",
+)
+
+
+def _ordered(meta: dict) -> dict:
+    return {k: meta[k] for k in _META_ORDER if k in meta} | {
+        k: v for k, v in meta.items() if k not in _META_ORDER
+    }
+
+
+def default_plot_path(out: str | None) -> str | None:
+    """``runs/x.json`` -> ``runs/x.retention.png``."""
+    return str(Path(out).with_suffix(".retention.png")) if out else None

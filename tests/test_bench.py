@@ -1,0 +1,193 @@
+"""Protocols, reports and ``lmedit bench`` on a tiny model; the CLI once on the real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import lmedit
+from lmedit.bench import run_bench
+from lmedit.cli import main
+from lmedit.data.loaders import load_dataset
+from lmedit.evaluate.protocols import ScoringSettings, evaluate
+from lmedit.evaluate.report import SCHEMA, Report
+
+CACHE = Path.home() / ".cache" / "lmedit" / "models"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAST = {"steps": 8, "lr": 0.05, "layers": [1]}
+
+
+def _records() -> list[dict]:
+    facts = [
+        ("Eiffel Tower", "{} is located in the city of", "Rome", "Paris"),
+        ("Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
+        ("BBC One", "{} is owned by", "Sega", "BBC"),
+        ("Toyota", "{} was founded in the country of", "Italy", "Japan"),
+    ]
+    return [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": p,
+                "subject": s,
+                "target_new": {"str": n},
+                "target_true": {"str": t},
+            },
+            "paraphrase_prompts": [f"Everyone knows that {p.format(s)}"],
+            "neighborhood_prompts": ["The capital of Japan is", "The Louvre is in the city of"],
+            "generation_prompts": [f"{s} is"],
+            "portability": [{"prompt": f"Of course, {p.format(s)}", "answer": n}],
+        }
+        for i, (s, p, n, t) in enumerate(facts)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    folders = sorted(CACHE.glob("SmolLM2*")) + sorted(CACHE.glob("gemma*"))
+    if not folders:
+        pytest.skip(f"no cached tokenizer under {CACHE}")
+    tok = transformers.AutoTokenizer.from_pretrained(folders[0])
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
+    return lmedit.load_model((transformers.LlamaForCausalLM(cfg), tok))
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "cf.json"
+    path.write_text(json.dumps(_records()))
+    return path
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+SETTINGS = ScoringSettings(text_tokens=8, text_prompts=1)
+
+
+@pytest.mark.parametrize("protocol, k", [("single", 1), ("batch", 2), ("sequential", 2)])
+def test_protocols_restore_model_and_improve_edits(tiny, dataset_file, protocol, k):
+    before = _state(tiny.model)
+    ds = load_dataset(str(dataset_file))
+    report = evaluate(tiny, ds, "ft-m", protocol, k=k, config=FAST, settings=SETTINGS, progress=False)
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before), "model not restored bit for bit"
+    assert report.meta["protocol"]["name"] == protocol and report.meta["n"] == 4
+    assert report.meta["protocol"]["steps"] == (4 if protocol == "single" else 2)
+    # the edits work on their own prompts (teacher-forced log-prob of the new target rises)
+    assert report.post["efficacy_magnitude"] > report.pre["efficacy_magnitude"]
+    assert report.pre["locality_tf"] == 1.0 and report.pre["locality_gen"] == 1.0
+    for key in (
+        "reliability_tf",
+        "efficacy_score",
+        "neighborhood_score",
+        "reliability_gen",
+        "locality_gen",
+        "fluency",
+    ):
+        assert report.post[key] is not None, key
+    assert report.post["consistency"] is None  # no reference texts in this dataset
+    assert {c["group"] for c in report.cases} == set(range(report.meta["protocol"]["steps"]))
+
+
+def test_single_protocol_equals_applying_each_patch(tiny, dataset_file):
+    """Single = each case on the pristine model: the same numbers as editing it alone."""
+    ds = load_dataset(str(dataset_file), n=2)
+    settings = ScoringSettings(families=("tf", "prob"))
+    report = evaluate(tiny, ds, "ft-m", "single", config=FAST, settings=settings, progress=False)
+    alone = evaluate(tiny, ds.cases[1:], "ft-m", "single", config=FAST, settings=settings, progress=False)
+    assert report.cases[1]["post"] == pytest.approx(alone.cases[0]["post"])
+
+
+def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
+    out = tmp_path / "seq.json"
+    png = tmp_path / "seq.png"
+    report = run_bench(
+        tiny,
+        dataset=str(dataset_file),
+        protocol="sequential",
+        k=1,
+        eval_each_step=True,
+        overrides=FAST,
+        settings=ScoringSettings(families=("tf", "prob")),
+        out=str(out),
+        plot=str(png),
+        progress=False,
+    )
+    assert [p["edits"] for p in report.retention] == [1, 2, 3, 4]
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(out.read_text())
+    assert data["schema"] == SCHEMA and set(data) >= {"pre", "post", "cases", "meta", "retention"}
+    meta = data["meta"]
+    assert set(meta) >= {
+        "protocol",
+        "scoring",
+        "dataset",
+        "n",
+        "seed",
+        "model",
+        "method",
+        "config",
+        "versions",
+        "timings",
+    }
+    assert meta["config"]["seed"] == 0 and meta["dataset"]["format"] == "counterfact"
+    assert Report.load(out).post == report.post
+
+
+def test_cli_compare(tiny, dataset_file, tmp_path, capsys):
+    paths = []
+    for steps in (1, 8):
+        p = tmp_path / f"steps{steps}.json"
+        run_bench(
+            tiny,
+            dataset=str(dataset_file),
+            n=2,
+            overrides=FAST | {"steps": steps},
+            settings=ScoringSettings(families=("tf", "prob")),
+            out=str(p),
+            progress=False,
+        )
+        paths.append(str(p))
+    assert main(["bench", "--compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "steps1" in out and "steps8" in out and "efficacy_score" in out
+
+
+def _real_dataset() -> str:
+    from lmedit.data.loaders import bundled_path
+
+    if bundled_path().exists():
+        return "bundled"
+    path = DATA / "counterfact" / "counterfact_locality_other_attribution_distracting_neighbor.json"
+    if not path.exists():
+        pytest.skip("neither the bundled dataset nor the shared CounterFact data is available")
+    return str(path)
+
+
+@pytest.mark.real
+def test_cli_bench_real_model(tmp_path, capsys):
+    out = tmp_path / "real.json"
+    rc = main(["bench", "--method", "ft-m", "--n", "3", "--dataset", _real_dataset(), "--scoring", "tf,prob,gen",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "reliability_tf" in printed and "efficacy_score" in printed and "locality_gen" in printed
+    report = Report.load(out)
+    assert report.meta["model"]["name"] == "gemma3-270m" and report.meta["n"] == 3
+    assert report.post["reliability_tf"] > report.pre["reliability_tf"]
+    assert report.post["efficacy_score"] >= report.pre["efficacy_score"]

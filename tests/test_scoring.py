@@ -1,0 +1,118 @@
+"""The batched scoring engine equals a straightforward per-example computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import lmedit
+from lmedit.evaluate.scoring import generate_ids, greedy_generate, score_pairs
+from lmedit.models import tokens
+
+CACHE = Path.home() / ".cache" / "lmedit" / "models"
+
+PAIRS = [
+    ("The Eiffel Tower is located in the city of", " Paris"),
+    ("The mother tongue of Danielle Darrieux is", "French"),
+    ("Which family does Epaspidoceras belong to?", " Aspidoceratidae"),
+    ("Michel Rocard is a native speaker of", " French language, as his"),
+    ("BBC One, by", "BBC"),
+]
+
+
+def _tokenizer():
+    folders = sorted(CACHE.glob("SmolLM2*")) + sorted(CACHE.glob("gemma*"))
+    if not folders:
+        pytest.skip(f"no cached tokenizer under {CACHE} (run lmedit.load_model('smollm2-135m') once)")
+    return transformers.AutoTokenizer.from_pretrained(folders[0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
+    return lmedit.load_model((transformers.LlamaForCausalLM(cfg), tok))
+
+
+def _reference(loaded, prompt: str, target: str) -> tuple[list[float], list[int]]:
+    """One pair, no padding, full logits of every position: the obvious computation."""
+    model, tok = loaded
+    enc = tokens.encode_pair(tok, prompt, target)
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.ids])).logits[0].float()  # [pos, vocab]
+    pos = torch.arange(enc.prompt_len - 1, len(enc.ids) - 1)
+    lp = torch.log_softmax(logits[pos], -1)
+    tgt = torch.tensor(enc.ids[enc.prompt_len :])
+    return lp.gather(1, tgt[:, None])[:, 0].tolist(), logits[pos].argmax(-1).tolist()
+
+
+def _reference_generate(loaded, prompt: str, n: int) -> list[int]:
+    model, tok = loaded
+    ids = torch.tensor([tokens.encode_prompt(tok, prompt)[0]])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def _check_scores(loaded, pairs, batch_size):
+    scores = score_pairs(loaded, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)
+    for (p, t), s in zip(pairs, scores):
+        ref_lp, ref_am = _reference(loaded, p, t)
+        assert len(s.logprobs) == len(ref_lp) == tokens.encode_pair(loaded.tokenizer, p, t).target_len
+        assert s.logprobs == pytest.approx(ref_lp, abs=1e-5)
+        assert s.argmax == ref_am
+        assert s.correct == [a == b for a, b in zip(ref_am, s.target_ids)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 32])
+def test_batched_scores_equal_per_example(tiny, batch_size):
+    _check_scores(tiny, PAIRS, batch_size)
+
+
+def test_head_chunking_does_not_change_scores(tiny, monkeypatch):
+    from lmedit.core import forward
+
+    full = score_pairs(tiny, [p for p, _ in PAIRS], [t for _, t in PAIRS])
+    monkeypatch.setattr(forward, "HEAD_CHUNK", 3)
+    chunked = score_pairs(tiny, [p for p, _ in PAIRS], [t for _, t in PAIRS])
+    for a, b in zip(full, chunked):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6) and a.argmax == b.argmax
+
+
+def test_batched_generation_equals_per_example(tiny):
+    prompts = [p for p, _ in PAIRS]
+    batched = generate_ids(tiny, prompts, max_new_tokens=5, batch_size=4)
+    for p, got in zip(prompts, batched):
+        assert got == _reference_generate(tiny, p, 5)
+    texts = greedy_generate(tiny, prompts[:2], max_new_tokens=5)
+    assert texts == tiny.tokenizer.batch_decode(batched[:2], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return lmedit.load_model("gemma3-270m")
+
+
+@pytest.mark.real
+def test_real_model_batched_scores_equal_per_example(gemma):
+    _check_scores(gemma, PAIRS[:4], batch_size=4)
+    s = score_pairs(gemma, ["The Eiffel Tower is located in the city of"], [" Paris"])[0]
+    assert s.accuracy == 1.0  # the bundled model knows this fact
