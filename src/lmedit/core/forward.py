@@ -55,21 +55,47 @@ def final_hidden(
     return tr.output
 
 
+#: Target positions projected through the LM head at once (a 262k vocabulary costs ~1 MB per position).
+HEAD_CHUNK = 512
+
+
+def score_logits(logits: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target and the argmax token, from raw logits.
+
+    Args:
+        logits: [n, vocab] (any float dtype; scored in float32).
+        target_ids: [n].
+    Returns:
+        logprobs [n] float32 and argmax [n] long.
+    """
+    logits = logits.float()
+    lp = torch.log_softmax(logits, dim=-1).gather(1, target_ids[:, None])[:, 0]  # [n]
+    return lp, logits.argmax(-1)
+
+
 def target_logprobs(
     model: nn.Module, arch: ArchSpec, batch: PairBatch, overrides: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position log-probability of the target token and whether it is the argmax.
+    """Per-position log-probability of the target token and the argmax token (differentiable in the former).
+
+    Only the positions in ``batch.target_mask`` go through the LM head, ``HEAD_CHUNK`` at a time.
 
     Returns:
-        logprobs [batch, pos] (float32, 0 outside ``batch.target_mask``) and correct [batch, pos] (bool).
+        logprobs [batch, pos] (float32, 0 outside ``batch.target_mask``) and argmax [batch, pos] (long, -1
+        outside the mask).
     """
-    hidden = final_hidden(model, arch, batch.input_ids, batch.attention_mask, overrides)
+    hidden = final_hidden(model, arch, batch.input_ids, batch.attention_mask, overrides)  # [b, pos, d]
     mask = batch.target_mask
-    logits = final_logits(model, arch, hidden[mask]).float()  # [n_target_tokens, vocab]
-    targets = batch.target_ids[mask]
-    lp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    h = hidden[mask]  # [n_target_tokens, d_model], row-major over (b, pos)
+    targets = batch.target_ids[mask]  # [n_target_tokens]
+    lps, amax = [], []
+    for c in range(0, h.shape[0], HEAD_CHUNK):
+        lp, am = score_logits(final_logits(model, arch, h[c : c + HEAD_CHUNK]), targets[c : c + HEAD_CHUNK])
+        lps.append(lp)
+        amax.append(am)
+    lp = torch.cat(lps)
     out_lp = torch.zeros(mask.shape, dtype=torch.float32, device=lp.device)
-    out_ok = torch.zeros(mask.shape, dtype=torch.bool, device=lp.device)
+    out_am = torch.full(mask.shape, -1, dtype=torch.long, device=lp.device)
     out_lp[mask] = lp
-    out_ok[mask] = logits.argmax(-1) == targets
-    return out_lp, out_ok
+    out_am[mask] = torch.cat(amax)
+    return out_lp, out_am
