@@ -181,6 +181,77 @@ def _revert_on_disk(patch, loaded) -> bool:
     return all(fingerprint(get_parameter(loaded.model, n)) == fp for n, fp in fps.items())
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lmedit.evaluate.report import Report, compare_table
+
+    if args.compare:
+        reports = [Report.load(p) for p in args.compare]
+        print(compare_table(reports, [Path(p).stem for p in args.compare]))
+        return 0
+    from lmedit.bench import default_plot_path, run_bench
+    from lmedit.evaluate.protocols import ScoringSettings
+
+    settings = ScoringSettings(
+        families=tuple(args.scoring.split(",")), text_tokens=args.text_tokens, batch_size=args.batch_size
+    )
+    sequential_curve = args.protocol == "sequential" and args.eval_each_step
+    report = run_bench(
+        args.model,
+        method=args.method,
+        dataset=args.dataset,
+        n=args.n,
+        sample=args.sample,
+        protocol=args.protocol,
+        k=args.step,
+        eval_each_step=args.eval_each_step,
+        seed=args.seed,
+        overrides=_overrides(args.set),
+        settings=settings,
+        out=args.out,
+        plot=(args.plot or default_plot_path(args.out)) if sequential_curve else None,
+    )
+    print(report.table())
+    t = report.meta["timings"]
+    print(
+        f"\nedit {t['edit_s']:.1f}s, evaluation {t['pre_s'] + t['eval_s']:.1f}s "
+        f"({t['eval_per_case_s']:.3f}s per case post-edit), total {t['total_s']:.1f}s"
+    )
+    if args.out:
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Precompute (or look up) key statistics E[k k^T] for locate-then-edit methods."""
+    from lmedit.core.stats import key_stats
+    from lmedit.models.load import load_model
+
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--layers expects comma-separated integers, got {args.layers!r}") from None
+    loaded = load_model(args.model)
+    t0 = time.perf_counter()
+    stats = key_stats(
+        loaded,
+        layers,
+        corpus=args.corpus,
+        n_tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        cache=not args.no_cache,
+        progress=True,
+    )
+    for layer, st in sorted(stats.items()):
+        prov = st.provenance
+        print(
+            f"layer {layer}: {st.module} d={st.mom2.shape[0]} tokens={st.count} "
+            f"corpus={prov.get('corpus', {}).get('id')} fingerprint={prov.get('fingerprint')}"
+        )
+    print(f"done in {time.perf_counter() - t0:.1f} s (cached statistics load instantly)")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from lmedit.config import describe
     from lmedit.registry import get_method, list_methods
@@ -194,6 +265,108 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 print(f"  {field:<18} {tp:<22} default={default!r}\n  {'':<18} {help_}")
             if info.presets:
                 print(f"  presets: {json.dumps(info.presets)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmedit.serve import resolve_token, serve
+
+    token = resolve_token(args.host, args.token)  # refuses a non-loopback host without a token
+    print(f"loading {args.model} and serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    serve(args.model, host=args.host, port=args.port, token=token)
+    return 0
+
+
+def _trace_cases(spec: str | None) -> list:
+    from lmedit.locate.causal_trace import load_cases
+
+    if spec in (None, "bundled"):
+        from lmedit.data import bundled_json
+
+        try:
+            return list(bundled_json("counterfact_bundled.json"))
+        except FileNotFoundError:
+            raise SystemExit(
+                "no bundled CounterFact set in this install: pass --aggregate FILE.json"
+            ) from None
+    if not Path(spec).exists():
+        raise SystemExit(f"--aggregate: no such file {spec}")
+    return load_cases(spec)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import lmedit
+    from lmedit.locate import aggregate, causal_trace, plot_aggregate, plot_trace, suggest_layers
+
+    loaded = lmedit.load_model(args.model)
+    default_kinds = "mlp" if (args.aggregate or args.suggest_layers) else "hidden,mlp,attn"
+    kinds = tuple((args.kinds or default_kinds).split(","))
+    common = dict(samples=args.samples, window=args.window, seed=args.seed, noise=args.noise)
+    if args.aggregate or args.suggest_layers:
+        t0 = time.perf_counter()
+        cases = _trace_cases(args.aggregate)
+        agg = aggregate(loaded, cases, n=args.n, kinds=kinds, known_only=not args.include_unknown, **common)
+        print(
+            f"{agg.n_used} facts traced ({agg.n_scanned} scanned, known_only={agg.known_only}) in "
+            f"{time.perf_counter() - t0:.0f}s; mean clean p {agg.mean_clean_prob:.3f}, "
+            f"corrupted p {agg.mean_corrupted_prob:.3f}"
+        )
+        print(f"{'layer':>5} " + " ".join(f"{k + ' @subj':>11}" for k in kinds))
+        for layer in range(len(agg.effects[kinds[0]]["last_subject"])):
+            cells = " ".join(f"{agg.effects[k]['last_subject'][layer]:>11.4f}" for k in kinds)
+            print(f"{layer:>5} {cells}")
+        print(
+            f"best layer (largest {'mlp' if 'mlp' in kinds else kinds[0]} effect at the last subject token): {agg.best_layer}"
+        )
+        if args.suggest_layers:
+            print(
+                "suggested presets: "
+                + json.dumps({k: v for k, v in suggest_layers(agg).items() if k in ("rome", "memit")})
+            )
+        if args.out:
+            out = Path(args.out)
+            agg.save_json(out / "aggregate.json")
+            plot_aggregate([agg], out / "aggregate-mlp.png", kind="mlp" if "mlp" in kinds else kinds[0])
+            print(f"written {out}/aggregate.json and aggregate-*.png")
+        return 0
+    if not (args.prompt and args.subject):
+        raise SystemExit("trace needs --prompt and --subject (or --aggregate FILE / --suggest-layers)")
+    t0 = time.perf_counter()
+    result = causal_trace(loaded, args.prompt, args.subject, args.answer, kinds=kinds, **common)
+    print(
+        f"traced {result.answer!r}: clean p {result.clean_prob:.4f}, corrupted p {result.corrupted_prob:.4f} "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+    for k in kinds:
+        eff = result.effect(k)
+        layer, t = divmod(int(eff.argmax()), eff.shape[1])
+        print(
+            f"  {k:<6} largest restoration: layer {layer}, token {t} {result.tokens[t]!r}, p {result.scores[k][layer, t]:.4f}"
+        )
+    if args.out:
+        paths = plot_trace(result, Path(args.out) / "trace.png")
+        print("written " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_ffn(args: argparse.Namespace) -> int:
+    import lmedit
+    from lmedit.locate.ffn import ffn_report
+
+    loaded = lmedit.load_model(args.model)
+    report = ffn_report(
+        loaded,
+        args.prompt,
+        args.layer,
+        args.position,
+        k=args.k,
+        top_tokens=args.top_tokens,
+        projection=args.projection,
+    )
+    print(report.table())
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.to_dict(), indent=1))
+        print(f"written {args.out}")
     return 0
 
 
@@ -250,6 +423,76 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list editing methods and their hyperparameters")
     p.add_argument("--describe", metavar="NAME", help="show every hyperparameter of one method")
     p.set_defaults(fn=cmd_methods)
+
+    p = sub.add_parser("stats", help="precompute key statistics E[k k^T] for ROME/MEMIT-style methods")
+    model_arg(p)
+    p.add_argument("--layers", required=True, help="comma-separated layer indices, e.g. 3,4,5 (one pass)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="text file/folder/JSONL, 'hf:NAME[:CONFIG][@SPLIT]' or 'gensim-wiki' (default; pip install --no-deps gensim)",
+    )
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens to average over (default 100000)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--no-cache", action="store_true", help="recompute and do not write the cache")
+    p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("bench", help="edit and evaluate a dataset under one protocol, save a report")
+    model_arg(p)
+    p.add_argument("--method", default="ft-m", help="editing method (default ft-m)")
+    p.add_argument("--dataset", default="bundled", help="'bundled' or a dataset file (default bundled)")
+    p.add_argument("--n", type=int, help="number of cases (the first n in file order; default all)")
+    p.add_argument("--sample", action="store_true", help="take a seeded random subset of n cases instead")
+    p.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"])
+    p.add_argument("--step", type=int, default=1, help="cases per edit (batch) or per step (sequential)")
+    p.add_argument("--eval-each-step", action="store_true", help="sequential: evaluate after every step")
+    p.add_argument("--scoring", default="tf,prob,gen,text", help="scoring families (default all four)")
+    p.add_argument("--text-tokens", type=int, default=40, help="tokens generated for fluency (default 40)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per teacher-forced forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the method (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config override (repeatable)")
+    p.add_argument("--out", help="report JSON to write")
+    p.add_argument("--plot", help="retention-curve PNG (default: next to --out for sequential runs)")
+    p.add_argument("--compare", nargs="+", metavar="REPORT", help="print saved reports side by side and exit")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("serve", help="web playground + JSON API on one model (http://127.0.0.1:7860/)")
+    model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs --token)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--token", help="token required on state-changing requests (default: $LMEDIT_TOKEN)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("trace", help="causal tracing: where a fact lives (heatmaps, aggregate, presets)")
+    model_arg(p)
+    p.add_argument("--prompt", help="prompt containing the subject (or '{}')")
+    p.add_argument("--subject", help="the subject whose embeddings are corrupted")
+    p.add_argument("--answer", help="answer to trace (default: the model's top token)")
+    p.add_argument("--kinds", help="comma list of hidden,mlp,attn (default all; mlp with --aggregate)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples per cell")
+    p.add_argument("--noise", type=float, help="noise std (default 3x the embedding std)")
+    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp/attn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for the PNG heatmaps / aggregate figure and JSON")
+    p.add_argument("--aggregate", metavar="DATASET", help="average over facts of a file ('bundled' ok)")
+    p.add_argument("--n", type=int, default=50, help="facts to average over with --aggregate")
+    p.add_argument("--suggest-layers", action="store_true", help="print ROME/MEMIT layer presets")
+    p.add_argument(
+        "--include-unknown", action="store_true", help="aggregate also facts the model does not predict"
+    )
+    p.set_defaults(fn=cmd_trace)
+
+    p = sub.add_parser("ffn", help="top MLP value vectors at a layer/position, in vocabulary space")
+    model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--position", type=int, default=-1, help="token index (default: last)")
+    p.add_argument("--k", type=int, default=10, help="sub-updates listed")
+    p.add_argument("--top-tokens", type=int, default=8, help="tokens per sub-update")
+    p.add_argument("--projection", default="lm_head", choices=["lm_head", "final_norm"])
+    p.add_argument("--out", help="JSON file to write")
+    p.set_defaults(fn=cmd_ffn)
     return parser
 
 
