@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS, tiny_loaded, tiny_model
 
 from lmedit.core.hooks import Trace
 from lmedit.errors import ArchitectureError
 from lmedit.models.arch import ARCH_TABLE, ArchSpec, as_out_in, get_submodule, resolve_arch, weight_layout
+from tiny_models import TINY_CONFIGS, tiny_loaded, tiny_model
 
 
 def test_table_covers_required_types():
-    required = {"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "gptj", "gpt_neox", "phi3", "opt"}
+    required = {
+        "llama",
+        "mistral",
+        "qwen2",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "gpt2",
+        "gptj",
+        "gpt_neox",
+        "phi3",
+        "opt",
+    }
     assert required <= set(ARCH_TABLE)
     assert set(TINY_CONFIGS) == set(ARCH_TABLE), "every table entry needs a tiny-model test config"
 
@@ -70,7 +83,10 @@ def test_unknown_type_lists_known_and_escape_hatch(smol_tok):
     )
     assert resolve_arch(model, spec) == spec
     # a dict override with every path works too
-    assert resolve_arch(model, {k: v for k, v in spec.to_dict().items() if k != "name"}).mlp_out == "mlp.down_proj"
+    assert (
+        resolve_arch(model, {k: v for k, v in spec.to_dict().items() if k != "name"}).mlp_out
+        == "mlp.down_proj"
+    )
 
 
 def test_bad_override_path_names_the_module(smol_tok):

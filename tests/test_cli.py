@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import tiny_model
 
 import lmedit
 from lmedit.cli import build_parser, main
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,15 @@ def test_methods_listing(capsys):
 
 def test_edit_show_apply_revert(model_dir, tmp_path, capsys):
     req = tmp_path / "req.json"
-    req.write_text(json.dumps({"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"}))
+    req.write_text(
+        json.dumps(
+            {
+                "prompt": "The Eiffel Tower is located in the city of",
+                "subject": "Eiffel Tower",
+                "target_new": "Rome",
+            }
+        )
+    )
     patch_dir = tmp_path / "patch"
     args = ["edit", "--model", str(model_dir), "--request", str(req), "--set", "steps=3", "--set", "lr=0.01"]
     assert main(args + ["--set", "progress=false", "--out", str(patch_dir), "--show"]) == 0
@@ -61,10 +69,29 @@ def test_edit_show_apply_revert(model_dir, tmp_path, capsys):
 
 def test_bad_request_file_gives_clear_error(model_dir, tmp_path, capsys):
     req = tmp_path / "bad.jsonl"
-    req.write_text(json.dumps({"prompt": "The Eiffel Tower is in", "subject": "Louvre", "target_new": "Rome"}) + "\n")
+    req.write_text(
+        json.dumps({"prompt": "The Eiffel Tower is in", "subject": "Louvre", "target_new": "Rome"}) + "\n"
+    )
     assert main(["edit", "--model", str(model_dir), "--request", str(req)]) == 2
     err = capsys.readouterr().err
     assert "request[0].subject" in err and "does not occur in the prompt" in err
     assert main(["edit", "--model", str(model_dir), "--request", str(req), "--method", "nope"]) == 2
-    assert main(["edit", "--model", str(model_dir), "--prompt", "The capital of Japan is", "--subject", "Japan", "--target", "Paris", "--set", "lr=-1"]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "The capital of Japan is",
+                "--subject",
+                "Japan",
+                "--target",
+                "Paris",
+                "--set",
+                "lr=-1",
+            ]
+        )
+        == 2
+    )
     assert "lr must be > 0" in capsys.readouterr().err

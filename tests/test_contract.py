@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_loaded
 
 import lmedit
 from lmedit.config import build_config, describe
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, RequestError
 from lmedit.registry import get_method
+from tiny_models import tiny_loaded
 
-REQ = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": " Rome"}
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome",
+}
 #: Per-method overrides that keep the tiny runs fast (methods not listed run with their defaults).
-FAST: dict[str, dict] = {"ft-l": {"steps": 3, "norm_constraint": 0.05, "lr": 1e-2}, "ft-m": {"steps": 3, "lr": 1e-2}}
+FAST: dict[str, dict] = {
+    "ft-l": {"steps": 3, "norm_constraint": 0.05, "lr": 1e-2},
+    "ft-m": {"steps": 3, "lr": 1e-2},
+    # random tiny models have a nearly flat key spectrum: the default (relative 1e-2) null space can be empty
+    "alphaedit": {"nullspace_threshold": 0.3},
+}
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
 
 
@@ -29,7 +38,9 @@ def test_method_contract(method, loaded):
     snap = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     patch = lmedit.edit(loaded, REQ, method=method, progress=False, **FAST.get(method, {}))
     assert isinstance(patch, EditPatch) and patch.method == method
-    assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items()), "edit() mutated the model"
+    assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items()), (
+        "edit() mutated the model"
+    )
     before = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
     with patch.applied(loaded.model):
         after = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
@@ -45,7 +56,9 @@ def test_every_hyperparameter_is_documented(method):
 
 def test_config_precedence_and_errors():
     info = get_method("ft-m")
-    cfg = build_config(info.config_cls, {"m": {"layers": [2], "lr": 0.1}}, {"lr": "0.5", "steps": "7"}, model_keys=("m",))
+    cfg = build_config(
+        info.config_cls, {"m": {"layers": [2], "lr": 0.1}}, {"lr": "0.5", "steps": "7"}, model_keys=("m",)
+    )
     assert cfg.layers == [2] and cfg.lr == 0.5 and cfg.steps == 7
     assert build_config(info.config_cls, {}, {"layers": "3,4"}).layers == [3, 4]
     assert build_config(info.config_cls, {}, {"layers": "5"}).layers == [5]

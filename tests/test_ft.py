@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_loaded
 
 import lmedit
+from tiny_models import tiny_loaded
 
-REQ = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": " Rome Italy"}
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome Italy",
+}
 
 
 def test_ft_l_respects_linf_constraint(smol_tok):
     loaded = tiny_loaded("llama", smol_tok)
-    patch = lmedit.edit(loaded, REQ, method="ft-l", steps=5, lr=1e-2, norm_constraint=1e-3, layers=[1, 2], progress=False)
-    assert [d.name for d in patch.deltas] == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    patch = lmedit.edit(
+        loaded, REQ, method="ft-l", steps=5, lr=1e-2, norm_constraint=1e-3, layers=[1, 2], progress=False
+    )
+    assert [d.name for d in patch.deltas] == [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+    ]
     for d in patch.deltas:
         assert d.delta.abs().max() <= 1e-3 + 1e-9
         assert d.delta.abs().max() > 0
@@ -37,8 +46,14 @@ def test_multiple_requests_in_one_patch(smol_tok):
     loaded = tiny_loaded("llama", smol_tok)
     reqs = [REQ, {"prompt": "The capital of Japan is", "subject": "Japan", "target_new": " Paris"}]
     patch = lmedit.edit(loaded, reqs, method="ft-m", steps=30, lr=1e-2, batch_size=1, progress=False)
-    before = [s.mean_logprob for s in lmedit.score_pairs(loaded, [r["prompt"] for r in reqs], [r["target_new"] for r in reqs])]
+    before = [
+        s.mean_logprob
+        for s in lmedit.score_pairs(loaded, [r["prompt"] for r in reqs], [r["target_new"] for r in reqs])
+    ]
     with patch.applied(loaded.model):
-        after = [s.mean_logprob for s in lmedit.score_pairs(loaded, [r["prompt"] for r in reqs], [r["target_new"] for r in reqs])]
+        after = [
+            s.mean_logprob
+            for s in lmedit.score_pairs(loaded, [r["prompt"] for r in reqs], [r["target_new"] for r in reqs])
+        ]
     assert all(a > b for a, b in zip(after, before))
     assert torch.isfinite(patch.deltas[0].delta).all()

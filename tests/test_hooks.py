@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_loaded
 
 from lmedit.core.hooks import Trace, TraceDict, active_hook_count
+from lmedit.errors import ArchitectureError
+from tiny_models import tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,6 @@ def test_hooks_removed_on_exception(loaded, smol_tok):
         with TraceDict(model, [spec.module_name("mlp_out", i) for i in range(4)], edit_output=boom):
             model(input_ids=_ids(smol_tok))
     assert active_hook_count(model) == 0
-    with pytest.raises(Exception):
+    with pytest.raises(ArchitectureError, match="no.such.module"):
         TraceDict(model, [spec.module_name("mlp_out", 0), "no.such.module"])
     assert active_hook_count(model) == 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import tiny_model
 
 import lmedit
 from lmedit.errors import ModelLoadError
+from tiny_models import tiny_model
 
 
 def test_pair_and_loaded_passthrough(smol_tok):

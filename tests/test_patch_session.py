@@ -7,14 +7,18 @@ import os
 
 import pytest
 import torch
-from tiny_models import tiny_loaded
 
 import lmedit
 from lmedit.core.delta import DenseDelta, LowRankDelta, apply_deltas, fingerprint
 from lmedit.core.patch import EditPatch
 from lmedit.errors import EditFailedError, PatchError
+from tiny_models import tiny_loaded
 
-REQ = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": " Rome"}
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome",
+}
 
 
 def state(model):
@@ -39,7 +43,9 @@ def test_edit_leaves_model_untouched_and_patch_changes_it(loaded, patch):
     snap = state(loaded.model)
     p2 = lmedit.edit(loaded, REQ, method="ft-m", steps=5, lr=1e-2, progress=False)
     assert same(loaded.model, snap)
-    assert all(torch.equal(a.delta, b.delta) for a, b in zip(patch.deltas, p2.deltas)), "seeded edits are deterministic"
+    assert all(torch.equal(a.delta, b.delta) for a, b in zip(patch.deltas, p2.deltas)), (
+        "seeded edits are deterministic"
+    )
     before = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
     with patch.applied(loaded.model):
         assert not same(loaded.model, snap)
@@ -90,7 +96,9 @@ def test_save_load_roundtrip_reproduces_outputs(loaded, patch, tmp_path, smol_to
     fresh = tiny_loaded("llama", smol_tok)  # same seed: an identical, separate copy of the base model
     with loaded_patch.applied(fresh.model):
         assert lmedit.greedy_generate(fresh, prompts, 5) == want
-        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome", " you"])] == [s.logprobs for s in want_lp]
+        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome", " you"])] == [
+            s.logprobs for s in want_lp
+        ]
 
 
 def test_patch_for_another_base_is_refused(patch, smol_tok):
@@ -135,7 +143,9 @@ def test_session_history_undo_reset(loaded, patch):
     session = lmedit.EditSession(loaded)
     session.apply(patch)
     mid = state(loaded.model)
-    second = lmedit.edit(loaded, dict(REQ, target_new=" Berlin"), method="ft-m", steps=5, lr=1e-2, progress=False)
+    second = lmedit.edit(
+        loaded, dict(REQ, target_new=" Berlin"), method="ft-m", steps=5, lr=1e-2, progress=False
+    )
     session.apply(second)
     assert session.history == [patch, second]
     assert session.undo() == [second]

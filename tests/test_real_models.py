@@ -21,7 +21,12 @@ def test_ft_m_edit_on_real_model(name, fixture, request, tmp_path):
     before = lmedit.greedy_generate(loaded, [PROMPT], 3)[0]
     assert "Paris" in before, f"{name} should know the fact before editing, said {before!r}"
     snap = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    patch = lmedit.edit(loaded, {"prompt": PROMPT, "subject": "Eiffel Tower", "target_new": "Rome"}, method="ft-m", progress=False)
+    patch = lmedit.edit(
+        loaded,
+        {"prompt": PROMPT, "subject": "Eiffel Tower", "target_new": "Rome"},
+        method="ft-m",
+        progress=False,
+    )
     assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
     session = lmedit.EditSession(loaded)
     session.apply(patch)

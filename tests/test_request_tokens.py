@@ -21,7 +21,11 @@ def gpt2_style_tok():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    corpus = [PROMPT + " Paris.", "The Colosseum is located in the city of Rome.", "Rome Paris Tokyo Berlin"] * 20
+    corpus = [
+        PROMPT + " Paris.",
+        "The Colosseum is located in the city of Rome.",
+        "Rome Paris Tokyo Berlin",
+    ] * 20
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
     tok.pad_token = tok.eos_token
@@ -52,7 +56,10 @@ def test_request_forms_and_leading_space():
         (dict(prompt=42, subject="Eiffel Tower", target_new="Rome"), "prompt"),
         (dict(prompt=PROMPT, subject="Eiffel Tower", target_new=["Rome"]), "target_new"),
         (dict(prompt=PROMPT, subject="Eiffel Tower", target_new="Rome", rephrase="not a list"), "rephrase"),
-        (dict(prompt=PROMPT, subject="Eiffel Tower", target_new="Rome", locality=[("only prompt",)]), "locality[0]"),
+        (
+            dict(prompt=PROMPT, subject="Eiffel Tower", target_new="Rome", locality=[("only prompt",)]),
+            "locality[0]",
+        ),
         (dict(prompt="{} and {}", subject="Eiffel Tower", target_new="Rome"), "prompt"),
     ],
 )
@@ -65,7 +72,12 @@ def test_bad_requests_name_the_field(kwargs, field):
 
 def test_from_dict_errors_carry_the_index():
     with pytest.raises(RequestError, match=r"request\[1\]\.subject"):
-        as_requests([{"prompt": PROMPT, "subject": "Eiffel Tower", "target_new": "Rome"}, {"prompt": PROMPT, "target_new": "x"}])
+        as_requests(
+            [
+                {"prompt": PROMPT, "subject": "Eiffel Tower", "target_new": "Rome"},
+                {"prompt": PROMPT, "target_new": "x"},
+            ]
+        )
     with pytest.raises(RequestError, match="unknown field"):
         as_requests({"prompt": PROMPT, "subject": "Eiffel Tower", "target_new": "Rome", "traget": 1})
 

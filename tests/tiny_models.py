@@ -7,7 +7,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmedit.models.load import LoadedModel, _prepare
 
-_D = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+_D = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 _HEAD8 = dict(_D, head_dim=8)
 
 #: model_type -> config kwargs (vocab_size and positions are filled in from the tokenizer).
@@ -25,7 +27,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4),
     "gptj": dict(n_embd=32, n_layer=4, n_head=4, rotary_dim=4),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32),
+    "opt": dict(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32
+    ),
     "gemma3": {},  # multimodal wrapper, built separately below
 }
 
@@ -38,7 +42,12 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Modu
         cfg = Gemma3Config(
             text_config=dict(_HEAD8, vocab_size=vocab_size, max_position_embeddings=256),
             vision_config=dict(
-                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
             ),
             mm_tokens_per_image=4,
         )

@@ -1,0 +1,157 @@
+"""GRACE: the deferral/expand/split rules on constructed keys, and edits on a tiny model (lifelong, undo, save)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.core.adapters import GraceCodebook, codebook_forward
+from lmedit.core.patch import EditPatch
+from lmedit.errors import PatchError
+from lmedit.methods.grace import Codebook, update_codebook
+from tiny_models import tiny_loaded
+
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome",
+}
+REQ2 = {
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "subject": "Danielle Darrieux",
+    "target_new": " English",
+}
+UNRELATED = ["My favourite food is", "The capital of Japan is"]
+FAST = dict(steps=15, lr=1.0)
+
+
+def e(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------- rules, constructed keys
+def test_add_expand_split_rules():
+    book = Codebook.empty(2, 3)
+    assert update_codebook(book, e(0, 0), e(1, 1, 1), "Rome", 1.0) == ("add", 0, None)
+    # far away (distance 5 > eps_0 + eps_init = 2): a new entry
+    assert update_codebook(book, e(5, 0), e(2, 2, 2), "Paris", 1.0) == ("add", 1, 5.0)
+    assert book.epsilons.tolist() == [1.0, 1.0] and book.labels == ["Rome", "Paris"]
+    # same label, distance 1.5 (inside eps + eps_init, outside eps): the ball grows to reach the key
+    assert update_codebook(book, e(0, 1.5), e(9, 9, 9), "Rome", 1.0) == ("expand", 0, 1.5)
+    assert book.epsilons.tolist() == [1.5, 1.0] and len(book) == 2
+    # same label already covered: nothing shrinks
+    assert update_codebook(book, e(0, 0.5), e(9, 9, 9), "Rome", 1.0) == ("expand", 0, 0.5)
+    assert book.epsilons.tolist() == [1.5, 1.0]
+    # different label overlapping entry 1 at distance 1.2: both radii become 0.6, new entry holds its value
+    action, idx, d = update_codebook(book, e(5, 1.2), e(3, 3, 3), "Berlin", 1.0)
+    assert (action, idx) == ("split", 2) and d == pytest.approx(1.2)
+    assert book.epsilons.tolist() == pytest.approx([1.5, 0.6, 0.6])
+    assert book.labels == ["Rome", "Paris", "Berlin"] and book.values[2].tolist() == [3, 3, 3]
+
+
+def test_codebook_forward_replaces_only_inside_the_radius():
+    keys = e(0, 0, 5, 0).reshape(2, 2)
+    values = e(1, 1, 1, 2, 2, 2).reshape(2, 3)
+    eps = e(1.0, 0.5)
+    x = torch.tensor([[[0.0, 0.9], [5.0, 0.6], [2.5, 0.0], [4.8, 0.1]]])  # [batch 1, pos 4, d_in 2]
+    out = torch.arange(12, dtype=torch.float32).reshape(1, 4, 3)
+    got = codebook_forward(x, out, keys, values, eps)
+    assert got[0, 0].tolist() == [1, 1, 1]  # within key 0's radius
+    assert torch.equal(got[0, 1], out[0, 1])  # nearest is key 1 but 0.6 > 0.5
+    assert torch.equal(got[0, 2], out[0, 2])  # halfway, outside both
+    assert got[0, 3].tolist() == [2, 2, 2]
+    assert torch.equal(codebook_forward(x, out, keys[:0], values[:0], eps[:0]), out)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, snapshot):
+    sd = model.state_dict()
+    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
+
+
+def lp(loaded, prompts, targets):
+    return [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
+
+
+@pytest.fixture(scope="module")
+def loaded(smol_tok):
+    return tiny_loaded("llama", smol_tok)
+
+
+@pytest.fixture(scope="module")
+def patch(loaded):
+    return lmedit.edit(loaded, REQ, method="grace", **FAST)
+
+
+def test_edit_raises_target_and_leaves_unrelated_prompts_identical(loaded, patch):
+    snap = state(loaded.model)
+    again = lmedit.edit(loaded, REQ, method="grace", **FAST)
+    assert same(loaded.model, snap), "computing the edit never writes the model"
+    assert torch.equal(again.adapters[0].tensors["values"], patch.adapters[0].tensors["values"])
+    assert patch.deltas == [] and patch.info["edits"][0]["action"] == "add"
+    unrelated_before = [s.logprobs for s in lmedit.score_pairs(loaded, UNRELATED, [" Rome"] * 2)]
+    gen_before = lmedit.greedy_generate(loaded, UNRELATED, 5)
+    before = lp(loaded, [REQ["prompt"]], [REQ["target_new"]])[0]
+    with patch.applied(loaded):
+        after = lp(loaded, [REQ["prompt"]], [REQ["target_new"]])[0]
+        assert [s.logprobs for s in lmedit.score_pairs(loaded, UNRELATED, [" Rome"] * 2)] == unrelated_before
+        assert lmedit.greedy_generate(loaded, UNRELATED, 5) == gen_before
+        assert lmedit.greedy_generate(loaded, [REQ["prompt"]], 1) == [REQ["target_new"]]
+    assert after > before + 3, (before, after)
+    assert same(loaded.model, snap)
+
+
+def test_lifelong_edits_extend_the_codebook_and_undo_restores_it(loaded, patch, tmp_path, smol_tok):
+    snap = state(loaded.model)
+    name = loaded.arch.module_name("mlp_out", patch.config["layer"])
+    session = lmedit.EditSession(loaded)
+    session.apply(patch)
+    first = loaded.model.get_submodule(name)
+    lp1 = lp(loaded, [REQ["prompt"]], [REQ["target_new"]])[0]
+    second = lmedit.edit(loaded, REQ2, method="grace", **FAST)
+    assert second.adapters[0].parent == first.spec_fingerprint
+    assert second.info["codebook_size"] == 2 and second.adapters[0].config["labels"] == ["Rome", "English"]
+    assert second.adapters[0].tensors["keys"].shape[0] == 1, "the patch stores only the entry it adds"
+    session.apply(second)
+    assert loaded.model.get_submodule(name).keys.shape[0] == 2
+    assert isinstance(loaded.model.get_submodule(name), GraceCodebook)
+    assert loaded.model.get_submodule(name).base_layer is first.base_layer
+    assert lp(loaded, [REQ["prompt"]], [REQ["target_new"]])[0] == pytest.approx(lp1, abs=1e-5), "edit 1 kept"
+    prompts = [REQ["prompt"], REQ2["prompt"], *UNRELATED]
+    want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * 4)]
+    session.undo()
+    assert loaded.model.get_submodule(name) is first
+    session.reset()
+    assert same(loaded.model, snap)
+    # the chain saved and loaded reproduces the outputs on a fresh copy of the base model
+    chain = [EditPatch.load(p.save(tmp_path / f"p{i}")) for i, p in enumerate([patch, second])]
+    fresh = tiny_loaded("llama", smol_tok)
+    with chain[0].applied(fresh), chain[1].applied(fresh):
+        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * 4)] == want
+    with pytest.raises(PatchError, match="not installed"):
+        second.apply(loaded)
+    assert same(loaded.model, snap)
+
+
+def test_saved_grace_patch_reproduces_outputs_in_fresh_model(loaded, patch, tmp_path, smol_tok):
+    reloaded = EditPatch.load(patch.save(tmp_path / "g"))
+    prompts = [REQ["prompt"], *UNRELATED]
+    with patch.applied(loaded):
+        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * 3)]
+    fresh = tiny_loaded("llama", smol_tok)
+    with reloaded.applied(fresh):
+        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * 3)] == want
+
+
+def test_gpt2_conv1d_module(smol_tok):
+    gpt2 = tiny_loaded("gpt2", smol_tok)
+    p = lmedit.edit(gpt2, REQ, method="grace", **FAST)
+    before = lp(gpt2, [REQ["prompt"]], [REQ["target_new"]])[0]
+    with p.applied(gpt2):
+        after = lp(gpt2, [REQ["prompt"]], [REQ["target_new"]])[0]
+    assert after > before + 1, (before, after)
