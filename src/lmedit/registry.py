@@ -18,7 +18,17 @@ from importlib.metadata import entry_points
 from lmedit.config import MethodConfig
 from lmedit.errors import ConfigError
 
-BUILTIN_MODULES = ("lmedit.methods.ft",)
+BUILTIN_MODULES = (
+    "lmedit.methods.ft",
+    "lmedit.methods.kn",
+    "lmedit.methods.rome",
+    "lmedit.methods.memit",
+    "lmedit.methods.alphaedit",
+    "lmedit.methods.emmet",
+    "lmedit.methods.pmet",
+    "lmedit.methods.grace",
+    "lmedit.methods.lora",
+)
 
 
 @dataclass(frozen=True)

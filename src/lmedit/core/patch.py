@@ -8,11 +8,16 @@
 
 A patch records fingerprints of every base tensor it touches; applying it to a model whose tensors differ
 (another base model, or the same one already edited differently) is refused.
+
+Weight-preserving methods (GRACE, ...) put ``adapters`` (``lmedit.core.adapters.AdapterSpec``) in the patch next
+to (or instead of) deltas: ``apply()`` installs them as wrapper modules and the handle's ``revert()`` puts the
+original module objects back. Their base modules' weights are fingerprinted in ``base`` like touched tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmedit.core.adapters import AdapterSpec, AppliedAdapters, install_adapters, resolve_name
 from lmedit.core.delta import (
     AppliedDeltas,
     Delta,
@@ -58,6 +64,29 @@ def _module(model: Any) -> nn.Module:
     return model.model if hasattr(model, "tokenizer") and hasattr(model, "arch") else model
 
 
+def _base_parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """Parameter by canonical name, looked up through any installed adapter wrappers."""
+    return get_parameter(model, resolve_name(model, name))
+
+
+class AppliedPatch:
+    """Handle returned by ``EditPatch.apply``: ``revert()`` reverts the deltas, then removes the adapters."""
+
+    def __init__(self, deltas: AppliedDeltas, adapters: AppliedAdapters):
+        self.deltas = deltas
+        self.adapters = adapters
+
+    @property
+    def active(self) -> bool:
+        return self.deltas.active or self.adapters.active
+
+    def revert(self) -> None:
+        try:
+            self.deltas.revert()
+        finally:
+            self.adapters.revert()
+
+
 @dataclass
 class EditPatch:
     """Deltas plus everything needed to audit, re-apply or refuse them.
@@ -71,6 +100,10 @@ class EditPatch:
             of the touched tensors the deltas were computed against.
         versions: lmedit / torch / transformers versions.
         info: free-form metadata (timings, losses), JSON-able.
+        extras: method state tensors carried with the patch (e.g. AlphaEdit's accumulated keys), saved in the
+            same safetensors file under an ``extra.`` prefix.
+        adapters: wrapper modules installed by ``apply()`` (weight-preserving methods); their tensors are saved
+            under an ``adapter.<i>.`` prefix, the rest in ``patch.json``.
     """
 
     method: str
@@ -83,6 +116,8 @@ class EditPatch:
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: list[AdapterSpec] = field(default_factory=list)
 
     @staticmethod
     def base_of(loaded: Any, param_names: Sequence[str]) -> dict:
@@ -92,7 +127,7 @@ class EditPatch:
             "model": loaded.name,
             "model_type": getattr(model.config, "model_type", None),
             "arch": loaded.arch.to_dict(),
-            "fingerprints": {n: fingerprint(get_parameter(model, n)) for n in dict.fromkeys(param_names)},
+            "fingerprints": {n: fingerprint(_base_parameter(model, n)) for n in dict.fromkeys(param_names)},
         }
 
     @property
@@ -103,7 +138,7 @@ class EditPatch:
         """Raise PatchError unless every touched tensor of ``model`` matches the recorded fingerprint."""
         model = _module(model)
         for name, expected in self.base.get("fingerprints", {}).items():
-            actual = fingerprint(get_parameter(model, name))
+            actual = fingerprint(_base_parameter(model, name))
             if actual != expected:
                 raise PatchError(
                     f"this patch was made for another base model: {name} has fingerprint {actual}, the patch "
@@ -111,11 +146,22 @@ class EditPatch:
                     "it was made on, in the same edit history (undo later edits first)."
                 )
 
-    def apply(self, model: Any, verify: bool = True) -> AppliedDeltas:
-        """Apply to ``model`` (nn.Module or LoadedModel); returns a handle whose ``revert()`` is bit-exact."""
+    def apply(self, model: Any, verify: bool = True) -> AppliedPatch:
+        """Apply to ``model`` (nn.Module or LoadedModel); returns a handle whose ``revert()`` is bit-exact.
+
+        Adapters are installed first, then the deltas are added (parameter names resolved through wrappers);
+        any failure undoes both.
+        """
         if verify:
             self.check_base(model)
-        return apply_deltas(_module(model), self.deltas)
+        module = _module(model)
+        adapters = install_adapters(module, self.adapters)
+        try:
+            deltas = [dataclasses.replace(d, name=resolve_name(module, d.name)) for d in self.deltas]
+            return AppliedPatch(apply_deltas(module, deltas), adapters)
+        except BaseException:
+            adapters.revert()
+            raise
 
     @contextlib.contextmanager
     def applied(self, model: Any, verify: bool = True) -> Iterator[Any]:
@@ -134,6 +180,7 @@ class EditPatch:
             "config": self.config,
             "requests": self.requests,
             "deltas": [{"index": i, "name": d.name, "kind": d.kind} for i, d in enumerate(self.deltas)],
+            "adapters": [{"index": i, **a.to_json()} for i, a in enumerate(self.adapters)],
             "base": self.base,
             "versions": self.versions,
             "info": self.info,
@@ -155,6 +202,9 @@ class EditPatch:
             for i, d in enumerate(self.deltas)
             for key, t in d.tensors().items()
         }
+        tensors.update({f"extra.{k}": t.detach().contiguous().cpu() for k, t in self.extras.items()})
+        for i, a in enumerate(self.adapters):
+            tensors.update({f"adapter.{i}.{k}": t.detach().contiguous().cpu() for k, t in a.tensors.items()})
         meta = json.dumps(self.to_json(), indent=2, sort_keys=False)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         old = None
@@ -205,6 +255,18 @@ class EditPatch:
             i = entry["index"]
             parts = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == str(i)}
             deltas.append(delta_from_tensors(entry["kind"], entry["name"], parts))
+        adapters = []
+        for entry in meta.get("adapters", []):
+            prefix = f"adapter.{entry['index']}."
+            parts = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+            missing = sorted(set(entry.get("tensors", [])) - set(parts))
+            if missing:
+                raise PatchError(f"{tensor_path}: adapter {entry['index']} lacks tensors {missing}")
+            adapters.append(
+                AdapterSpec(
+                    entry["kind"], entry["module"], entry.get("config", {}), parts, entry.get("parent")
+                )
+            )
         return cls(
             method=meta["method"],
             config=meta["config"],
@@ -214,6 +276,8 @@ class EditPatch:
             versions=meta.get("versions", {}),
             info=meta.get("info", {}),
             created=meta.get("created", ""),
+            extras={k[len("extra.") :]: v for k, v in flat.items() if k.startswith("extra.")},
+            adapters=adapters,
         )
 
     def summary(self) -> str:
@@ -233,6 +297,13 @@ class EditPatch:
             m = d.materialize()
             shapes = " x ".join(str(tuple(t.shape)) for t in d.tensors().values())
             lines.append(f"  - {d.name}: {d.kind} {shapes}, |delta|_F = {float(torch.linalg.norm(m)):.4g}")
+        if self.adapters:
+            lines.append(f"adapters: {len(self.adapters)}")
+        for a in self.adapters:
+            shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in sorted(a.tensors.items()))
+            lines.append(
+                f"  - {a.module}: {a.kind} [{shapes}]" + (f" extends {a.parent}" if a.parent else "")
+            )
         lines.append("config:   " + json.dumps(self.config, sort_keys=True))
         if self.info:
             lines.append("info:     " + json.dumps(self.info, sort_keys=True))

@@ -1,0 +1,331 @@
+"""Adapters: edits that keep the base weights, as wrapper modules around one submodule.
+
+An adapter is installed by replacing a submodule (``model.layers.9.mlp.down_proj``) with a wrapper that holds the
+original module as ``base_layer`` plus its own state, and removed by putting the original module object back, so
+undo is exact: the very same base module object is restored and no base tensor was ever written.
+
+    >>> spec = AdapterSpec("grace", "model.layers.9.mlp.down_proj", config={...}, tensors={"keys": k, ...})
+    >>> handle = install_adapters(model, [spec])     # the submodule is now a GraceCodebook wrapper
+    >>> handle.revert()                               # the original module object is back
+
+An ``AdapterSpec`` is plain data (kind, module name, JSON config, tensors); ``EditPatch`` carries a list of them
+next to its weight deltas, saves their tensors into ``patch.safetensors`` and installs them in ``apply()``.
+
+Lifelong editing: a spec may *replace* an installed adapter of the same kind (a GRACE patch that extends the
+codebook of the previous one). It names the adapter it replaces by that adapter's spec fingerprint in
+``spec.parent``; installing it anywhere else is refused, so an edit computed on another edit history cannot
+silently drop edits. ``None`` means "install on a module that has no adapter of this kind".
+
+Wrapper tensors are registered as non-persistent buffers cast to the base layer's device and floating dtype, so
+they follow ``model.to(...)``; the spec keeps the exact tensors the patch was made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmedit.core.delta import fingerprint
+from lmedit.errors import PatchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter, as data.
+
+    Attributes:
+        kind: adapter kind, a key of ``ADAPTER_KINDS`` (``"grace"``).
+        module: canonical dotted name of the wrapped submodule (as in the bare base model).
+        config: JSON-able settings of the adapter (e.g. GRACE's labels).
+        tensors: the adapter's state tensors, by name (saved under ``adapter.<i>.<name>``).
+        parent: spec fingerprint of the same-kind adapter this one replaces, or None (see module docstring).
+    """
+
+    kind: str
+    module: str
+    config: dict = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    parent: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 over kind, module, config, parent and every tensor's fingerprint (16 hex digits)."""
+        h = hashlib.sha256()
+        head = {"kind": self.kind, "module": self.module, "config": self.config, "parent": self.parent}
+        h.update(json.dumps(head, sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            h.update(f"|{name}:{fingerprint(self.tensors[name])}".encode())
+        return h.hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        """The JSON part (tensors are saved separately)."""
+        return {
+            "kind": self.kind,
+            "module": self.module,
+            "config": self.config,
+            "parent": self.parent,
+            "tensors": sorted(self.tensors),
+        }
+
+
+class AdapterWrapper(nn.Module):
+    """Base class of wrapper modules: ``forward(x, ...) = adapt(x, base_layer(x, ...))``.
+
+    Subclasses set ``kind`` and implement ``adapt``; they are registered with ``@register_adapter``.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, base_layer: nn.Module, spec: AdapterSpec, previous: AdapterWrapper | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = spec
+        self.spec_fingerprint = spec.fingerprint()
+        ref = next(base_layer.parameters(), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None else torch.float32
+        cast = {
+            name: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+            for name, t in spec.tensors.items()
+        }
+        for name, t in self.build_buffers(cast, previous).items():
+            self.register_buffer(name, t, persistent=False)
+
+    def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
+        """The wrapper's buffers from the spec's tensors (already on the base layer's device/dtype) and the
+        same-kind adapter this one replaces (None if none). Default: the spec's tensors as they are."""
+        return tensors
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.adapt(x, self.base_layer(x, *args, **kwargs))
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The wrapped output given the module input ``x`` and the base output ``out``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, spec={self.spec_fingerprint}"
+
+
+ADAPTER_KINDS: dict[str, type[AdapterWrapper]] = {}
+
+
+def register_adapter(cls: type[AdapterWrapper]) -> type[AdapterWrapper]:
+    """Class decorator adding a wrapper class to ``ADAPTER_KINDS`` under its ``kind``."""
+    ADAPTER_KINDS[cls.kind] = cls
+    return cls
+
+
+class _RowStore:
+    """Append-only rows with spare capacity, so a chain of adapters that each add a few rows shares one storage.
+
+    Wrapper ``i`` of a chain holds the view ``data[:n_i]``; appending after the last row writes in place (earlier
+    views are unaffected), appending after any other row (a branch, e.g. after an undo) copies.
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        n = rows.shape[0]
+        self.data = rows.new_empty((max(16, 2 * n), *rows.shape[1:]))
+        self.data[:n] = rows
+        self.used = n
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.used]
+
+    @staticmethod
+    def extend(store: _RowStore | None, old: torch.Tensor, rows: torch.Tensor) -> _RowStore:
+        """A store whose first rows are ``old`` (a view previously returned) followed by ``rows``."""
+        n, m = old.shape[0], rows.shape[0]
+        shares = (
+            store is not None
+            and store.used == n
+            and store.data.dtype == rows.dtype
+            and store.data.device == rows.device
+            and (n == 0 or old.data_ptr() == store.data.data_ptr())
+        )
+        if not shares:
+            return _RowStore(torch.cat([old.to(rows), rows]))
+        if n + m > store.data.shape[0]:
+            return _RowStore(torch.cat([old, rows]))
+        store.data[n : n + m] = rows
+        store.used = n + m
+        return store
+
+
+# ----------------------------------------------------------------------------------------------------- GRACE
+def codebook_forward(
+    x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, epsilons: torch.Tensor
+) -> torch.Tensor:
+    """GRACE's deferral: where the nearest key lies within its radius, the output becomes that key's value.
+
+    Args:
+        x: module input [..., d_in] (the query at every position).
+        out: base module output [..., d_out].
+        keys: [n, d_in]; values: [n, d_out]; epsilons: [n] deferral radii (L2 distance).
+
+    Returns:
+        [..., d_out]: ``values[i]`` at positions whose nearest key ``i`` has distance <= ``epsilons[i]``, else
+        ``out``. Differentiable in ``values``.
+    """
+    if keys.shape[0] == 0:
+        return out
+    flat_x = x.reshape(-1, x.shape[-1]).float()  # [N, d_in]
+    flat_out = out.reshape(-1, out.shape[-1])  # [N, d_out]
+    dist = torch.cdist(flat_x, keys.float().to(flat_x.device))  # [N, n]
+    d, idx = dist.min(dim=-1)  # [N], [N]
+    hit = d <= epsilons.float().to(d.device)[idx]  # [N]
+    chosen = values.to(device=flat_out.device, dtype=flat_out.dtype)[idx]  # [N, d_out]
+    return torch.where(hit[:, None], chosen, flat_out).reshape(out.shape)
+
+
+@register_adapter
+class GraceCodebook(AdapterWrapper):
+    """GRACE codebook (Hartvigsen et al. 2023) around one module.
+
+    Buffers: ``keys`` [n, d_in], ``values`` [n, d_out], ``epsilons`` [n]; ``spec.config["labels"]`` holds the
+    target string of each entry (used by the expand/split rules when the codebook is extended).
+
+    The spec stores the codebook incrementally: ``keys``/``values`` hold only the rows this patch adds after
+    those of the adapter it replaces (``parent``), ``epsilons`` the radii of all n entries (the expand/split rules
+    change earlier radii; keys and values of earlier entries never change). So a chain of N single-edit patches
+    stores O(N) key/value rows in total, and the wrappers of one chain share one growing storage.
+    """
+
+    kind = "grace"
+
+    def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
+        if previous is None:
+            old_k, old_v, stores = tensors["keys"][:0], tensors["values"][:0], {}
+        else:
+            old_k, old_v, stores = previous.keys, previous.values, getattr(previous, "_stores", {})
+        k_store = _RowStore.extend(stores.get("keys"), old_k, tensors["keys"])
+        v_store = _RowStore.extend(stores.get("values"), old_v, tensors["values"])
+        self._stores = {"keys": k_store, "values": v_store}
+        keys, values, eps = k_store.view(), v_store.view(), tensors["epsilons"]
+        if not keys.shape[0] == values.shape[0] == eps.shape[0] == len(self.spec.config.get("labels", [])):
+            raise PatchError(
+                f"GRACE adapter at {self.spec.module}: {keys.shape[0]} keys, {values.shape[0]} values, "
+                f"{eps.shape[0]} radii and {len(self.spec.config.get('labels', []))} labels after extending "
+                f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
+            )
+        return {"keys": keys, "values": values, "epsilons": eps}
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return codebook_forward(x, out, self.keys, self.values, self.epsilons)
+
+
+# ------------------------------------------------------------------------------------------ install / remove
+def unwrap(module: nn.Module) -> nn.Module:
+    """The innermost base module under any stack of adapter wrappers."""
+    while isinstance(module, AdapterWrapper):
+        module = module.base_layer
+    return module
+
+
+def resolve_name(model: nn.Module, name: str) -> str:
+    """Translate a canonical dotted name (module or parameter) to its current path through installed wrappers.
+
+    ``model.layers.2.mlp.down_proj.weight`` becomes ``model.layers.2.mlp.down_proj.base_layer.weight`` while a
+    wrapper sits at ``down_proj``. Names that do not resolve are returned unchanged (the caller's lookup raises).
+    """
+    parts = name.split(".")
+    mod: nn.Module = model
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        child = mod._modules.get(part)
+        if child is None:
+            return ".".join(out + parts[i:])
+        out.append(part)
+        mod = child
+        if i < len(parts) - 1:
+            while isinstance(mod, AdapterWrapper):
+                mod = mod.base_layer
+                out.append("base_layer")
+    return ".".join(out)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding canonical submodule ``name`` (resolved through wrappers above it) and its attribute."""
+    path = resolve_name(model, name)
+    head, _, attr = path.rpartition(".")
+    try:
+        parent = model.get_submodule(head) if head else model
+    except AttributeError:
+        parent = None
+    if parent is None or attr not in parent._modules:
+        raise PatchError(f"the model has no submodule {name!r}: this patch was made for another architecture")
+    return parent, attr
+
+
+def installed_adapter(model: nn.Module, name: str, kind: str) -> AdapterWrapper | None:
+    """The outermost adapter of ``kind`` installed at canonical module ``name``, or None."""
+    parent, attr = _parent(model, name)
+    mod = parent._modules[attr]
+    while isinstance(mod, AdapterWrapper):
+        if mod.kind == kind:
+            return mod
+        mod = mod.base_layer
+    return None
+
+
+class AppliedAdapters:
+    """Handle returned by ``install_adapters``; ``revert()`` puts the previous module objects back."""
+
+    def __init__(self) -> None:
+        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self.active = True
+
+    def revert(self) -> None:
+        if not self.active:
+            return
+        for parent, attr, previous in reversed(self._swaps):
+            setattr(parent, attr, previous)
+        self._swaps.clear()
+        self.active = False
+
+
+def install_adapters(model: nn.Module, specs: Sequence[AdapterSpec]) -> AppliedAdapters:
+    """Install ``specs`` in order; transactional (a failure puts every replaced module back).
+
+    A spec whose ``parent`` is None wraps whatever sits at its module; one with a ``parent`` replaces the
+    installed same-kind adapter with that fingerprint (its base layer is re-wrapped). Anything else is refused.
+    """
+    handle = AppliedAdapters()
+    try:
+        for spec in specs:
+            if spec.kind not in ADAPTER_KINDS:
+                raise PatchError(f"unknown adapter kind {spec.kind!r}; known: {sorted(ADAPTER_KINDS)}")
+            parent, attr = _parent(model, spec.module)
+            current = parent._modules[attr]
+            if isinstance(current, AdapterWrapper) and current.kind == spec.kind:
+                if spec.parent != current.spec_fingerprint:
+                    raise PatchError(
+                        f"{spec.module} already holds a {spec.kind} adapter ({current.spec_fingerprint}) that this "
+                        f"patch does not extend (it extends {spec.parent}). Compute the patch on the current edit "
+                        "history (with the adapter installed), or undo the installed one first."
+                    )
+                base = current.base_layer
+            elif spec.parent is not None:
+                raise PatchError(
+                    f"this patch extends the {spec.kind} adapter {spec.parent} at {spec.module}, which is not "
+                    "installed: apply the earlier patch of that edit history first."
+                )
+            else:
+                base = current
+            previous = current if current is not base else None
+            wrapper = ADAPTER_KINDS[spec.kind](base, spec, previous)
+            handle._swaps.append((parent, attr, current))
+            setattr(parent, attr, wrapper)
+            log.debug("installed %s adapter at %s", spec.kind, spec.module)
+    except BaseException:
+        handle.revert()
+        raise
+    return handle
