@@ -24,6 +24,8 @@ FAST: dict[str, dict] = {
     "ft-m": {"steps": 3, "lr": 1e-2},
     # random tiny models have a nearly flat key spectrum: the default (relative 1e-2) null space can be empty
     "alphaedit": {"nullspace_threshold": 0.3},
+    "grace": {"steps": 10},
+    "lora": {"steps": 10, "lr": 1e-2},
 }
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
 

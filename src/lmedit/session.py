@@ -16,8 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from lmedit.core.delta import AppliedDeltas
-from lmedit.core.patch import EditPatch
+from lmedit.core.patch import AppliedPatch, EditPatch
 from lmedit.errors import EditFailedError
 from lmedit.evaluate.scoring import score_pairs
 from lmedit.models.load import LoadedModel, load_model
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Entry:
     patch: EditPatch
-    handle: AppliedDeltas
+    handle: AppliedPatch
     gain: float | None
 
 
