@@ -46,3 +46,13 @@ def test_second_load_is_fast(gemma):
     elapsed = time.perf_counter() - t0
     assert elapsed < 30, f"cached load took {elapsed:.1f}s"
     assert again.source["cache"] == gemma.source["cache"]
+
+
+def test_cli_demo_on_bundled_model(tmp_path, capsys):
+    from lmedit.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "edit prompt" in out and "unrelated 1" in out and "consequence 1" in out
+    assert "(original answer is back)" in out and "(same as the edit)" in out
+    assert (tmp_path / "demo" / "patch.json").exists()

@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="edit the bundled model, show before/after generations, save and undo")
     model_arg(p)
-    p.add_argument("--method", default="ft-m", help="editing method (default ft-m)")
+    p.add_argument(
+        "--method", default="grace", help="editing method (default grace; try rome or ft-m to compare)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config override (repeatable)")
     p.add_argument("--out", default="patches/demo-eiffel", help="where to save the patch")
     p.add_argument("--max-new-tokens", type=int, default=12)
