@@ -16,7 +16,6 @@ from lmedit.data.loaders import load_dataset
 from lmedit.evaluate.protocols import ScoringSettings, evaluate
 from lmedit.evaluate.report import SCHEMA, Report
 
-CACHE = Path.home() / ".cache" / "lmedit" / "models"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = {"steps": 8, "lr": 0.05, "layers": [1]}
 
@@ -47,11 +46,8 @@ def _records() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    folders = sorted(CACHE.glob("SmolLM2*")) + sorted(CACHE.glob("gemma*"))
-    if not folders:
-        pytest.skip(f"no cached tokenizer under {CACHE}")
-    tok = transformers.AutoTokenizer.from_pretrained(folders[0])
+def tiny(smol_tok):
+    tok = smol_tok
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=32,

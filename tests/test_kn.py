@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -14,7 +12,6 @@ from lmedit.core.hooks import active_hook_count
 from lmedit.methods.kn import _scaled_answer_prob, integrated_gradients, last_activations
 from lmedit.models.arch import as_out_in, weight_layout
 
-CACHE = Path.home() / ".cache" / "lmedit" / "models"
 REQ = dict(
     prompt="The Eiffel Tower is located in the city of",
     subject="Eiffel Tower",
@@ -25,11 +22,8 @@ REQ = dict(
 
 
 @pytest.fixture(scope="module")
-def tok():
-    folders = sorted(CACHE.glob("SmolLM2-135M*")) + sorted(CACHE.glob("gemma-3-270m*"))
-    if not folders:
-        pytest.skip("no cached lmedit tokenizer (load a bundled model once)")
-    return transformers.AutoTokenizer.from_pretrained(str(folders[0]))
+def tok(smol_tok):
+    return smol_tok
 
 
 def _tiny(tok, arch: str):

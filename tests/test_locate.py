@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +17,11 @@ from lmedit.locate.ffn import ffn_report, value_matrix
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
-CACHE = Path.home() / ".cache" / "lmedit" / "models"
-
-
-def _tokenizer():
-    folders = sorted(CACHE.glob("SmolLM2-135M*")) + sorted(CACHE.glob("gemma-3-270m*"))
-    if not folders:
-        pytest.skip("no cached lmedit tokenizer (run `lmedit demo` or load a bundled model once)")
-    return transformers.AutoTokenizer.from_pretrained(str(folders[0]))
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return _tokenizer()
+def tok(smol_tok):
+    return smol_tok
 
 
 def _tiny(tok, arch: str):
