@@ -11,6 +11,7 @@ from lmedit.core.delta import fingerprint
 from lmedit.core.hooks import active_hook_count
 from lmedit.methods.kn import _scaled_answer_prob, integrated_gradients, last_activations
 from lmedit.models.arch import as_out_in, weight_layout
+from tiny_models import tiny_loaded
 
 REQ = dict(
     prompt="The Eiffel Tower is located in the city of",
@@ -27,21 +28,7 @@ def tok(smol_tok):
 
 
 def _tiny(tok, arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=len(tok), n_positions=64)
-        model = transformers.GPT2LMHeadModel(cfg)
-    return lmedit.load_model((model, tok))
+    return tiny_loaded(arch, tok, n_layers=3, init_std=None)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

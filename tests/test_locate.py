@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import lmedit
 from lmedit.core.hooks import active_hook_count
 from lmedit.locate import aggregate, causal_trace, plot_trace, suggest_layers
 from lmedit.locate.causal_trace import TraceResult, subject_token_range
 from lmedit.locate.ffn import ffn_report, value_matrix
+from tiny_models import tiny_loaded
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -25,21 +25,7 @@ def tok(smol_tok):
 
 
 def _tiny(tok, arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=len(tok), n_positions=64)
-        model = transformers.GPT2LMHeadModel(cfg)
-    return lmedit.load_model((model, tok))
+    return tiny_loaded(arch, tok, n_layers=3, init_std=None)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

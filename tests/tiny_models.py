@@ -34,7 +34,10 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_model(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_model(
+    model_type: str, vocab_size: int, seed: int = 0, n_layers: int = 4, init_std: float | None = 0.2
+) -> torch.nn.Module:
+    """A tiny random ``model_type``; ``init_std`` re-draws every weight matrix (None: transformers' init)."""
     torch.manual_seed(seed)
     if model_type == "gemma3":
         from transformers import Gemma3Config
@@ -53,19 +56,21 @@ def tiny_model(model_type: str, vocab_size: int, seed: int = 0) -> torch.nn.Modu
         )
     else:
         kw = dict(TINY_CONFIGS[model_type], vocab_size=vocab_size)
+        kw["n_layer" if model_type in ("gpt2", "gptj") else "num_hidden_layers"] = n_layers
         kw["n_positions" if model_type in ("gpt2", "gptj") else "max_position_embeddings"] = 256
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kw[key] = 0
         cfg = AutoConfig.for_model(model_type, **kw)
     model = AutoModelForCausalLM.from_config(cfg)
-    # random init is tiny in scale; make the weights large enough that edits have to do something
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
+    if init_std is not None:
+        # random init is tiny in scale; make the weights large enough that edits have to do something
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, init_std)
     return model
 
 
-def tiny_loaded(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
-    model = tiny_model(model_type, len(tokenizer), seed)
+def tiny_loaded(model_type: str, tokenizer, seed: int = 0, **kw) -> LoadedModel:
+    model = tiny_model(model_type, len(tokenizer), seed, **kw)
     return _prepare(model, tokenizer, None, f"tiny-{model_type}", {"kind": "tiny"})
