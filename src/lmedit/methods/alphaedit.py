@@ -27,7 +27,7 @@ from lmedit.core.patch import EditPatch
 from lmedit.core.solvers import null_space_projector, projected_least_squares
 from lmedit.errors import ConfigError
 from lmedit.methods.memit import PRESETS as MEMIT_PRESETS
-from lmedit.methods.memit import MEMITConfig, resolved_layers, run_pipeline
+from lmedit.methods.memit import MEMITConfig, pipeline_patch, resolved_layers, run_pipeline
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -125,12 +125,6 @@ def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig)
     new_state = state.extended(keys)
     info["nullspace_rank"] = ranks
     info["sequential_edits_before"] = state.n_edits
-    return EditPatch(
-        method="alphaedit",
-        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
-        requests=[r.to_dict() for r in requests],
-        deltas=deltas,
-        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
-        info=info,
-        extras=new_state.to_extras(),
+    return pipeline_patch(
+        "alphaedit", loaded, requests, config, layers, deltas, info, extras=new_state.to_extras()
     )

@@ -19,7 +19,7 @@ from lmedit.config import hp
 from lmedit.core.patch import EditPatch
 from lmedit.core.solvers import equality_constrained
 from lmedit.errors import ConfigError
-from lmedit.methods.memit import MEMITConfig, run_pipeline
+from lmedit.methods.memit import MEMITConfig, pipeline_patch, run_pipeline
 from lmedit.methods.rome import PRESETS as ROME_PRESETS
 from lmedit.methods.rome import default_layer
 from lmedit.registry import register_method
@@ -51,11 +51,4 @@ def edit_emmet(loaded, requests: list[EditRequest], config: EMMETConfig) -> Edit
         return equality_constrained(k, r, c, config.damping, config.gram_damping)
 
     deltas, info, _ = run_pipeline(loaded, requests, config, layers, solve)
-    return EditPatch(
-        method="emmet",
-        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
-        requests=[r.to_dict() for r in requests],
-        deltas=deltas,
-        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
-        info=info,
-    )
+    return pipeline_patch("emmet", loaded, requests, config, layers, deltas, info)

@@ -165,6 +165,21 @@ def resolved_layers(loaded, config) -> list[int]:
     return sorted(config.layers) if config.layers is not None else default_layers(n)
 
 
+def pipeline_patch(
+    method: str, loaded, requests: list[EditRequest], config, layers: list[int], deltas, info: dict, **kw
+) -> EditPatch:
+    """The EditPatch of a ``run_pipeline`` result (layers and templates recorded in the config)."""
+    return EditPatch(
+        method=method,
+        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
+        requests=[r.to_dict() for r in requests],
+        deltas=deltas,
+        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
+        info=info,
+        **kw,
+    )
+
+
 @register_method("memit", MEMITConfig, family="locate-then-edit", presets=PRESETS)
 def edit_memit(loaded, requests: list[EditRequest], config: MEMITConfig) -> EditPatch:
     """MEMIT: batch edits spread over several layers' MLP output projections by least squares."""
@@ -174,11 +189,4 @@ def edit_memit(loaded, requests: list[EditRequest], config: MEMITConfig) -> Edit
         return least_squares(k, r, c, config.mom2_update_weight, config.damping)
 
     deltas, info, _ = run_pipeline(loaded, requests, config, layers, solve)
-    return EditPatch(
-        method="memit",
-        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
-        requests=[r.to_dict() for r in requests],
-        deltas=deltas,
-        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
-        info=info,
-    )
+    return pipeline_patch("memit", loaded, requests, config, layers, deltas, info)

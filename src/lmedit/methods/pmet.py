@@ -17,7 +17,7 @@ from lmedit.config import hp
 from lmedit.core.patch import EditPatch
 from lmedit.core.solvers import least_squares
 from lmedit.methods.memit import PRESETS as MEMIT_PRESETS
-from lmedit.methods.memit import MEMITConfig, resolved_layers, run_pipeline
+from lmedit.methods.memit import MEMITConfig, pipeline_patch, resolved_layers, run_pipeline
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -43,11 +43,4 @@ def edit_pmet(loaded, requests: list[EditRequest], config: PMETConfig) -> EditPa
     deltas, info, _ = run_pipeline(
         loaded, requests, config, layers, solve, value_sites=[attn, mlp], z_site=mlp, realised=True
     )
-    return EditPatch(
-        method="pmet",
-        config=config.to_dict() | {"layers": layers, "context_templates": info["context_templates"]},
-        requests=[r.to_dict() for r in requests],
-        deltas=deltas,
-        base=EditPatch.base_of(loaded, [d.name for d in deltas]),
-        info=info,
-    )
+    return pipeline_patch("pmet", loaded, requests, config, layers, deltas, info)
