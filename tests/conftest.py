@@ -36,3 +36,25 @@ def smollm():
     import lmedit
 
     return lmedit.load_model("smollm2-135m")
+
+
+#: A small text corpus for key statistics on tiny models (repeated so 2000 tokens are available).
+STATS_CORPUS = " ".join(
+    [
+        "Paris is the capital of France.",
+        "The tower was built in 1889 for the fair.",
+        "She speaks French and English.",
+    ]
+    * 40
+)
+
+
+@pytest.fixture(scope="module")
+def stats_env(smol_tok, tmp_path_factory):
+    """A private statistics cache and a small corpus; yields the method settings that use them."""
+    root = tmp_path_factory.mktemp("lmedit-cache")
+    corpus = root / "corpus.txt"
+    corpus.write_text(STATS_CORPUS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMEDIT_CACHE", str(root))
+        yield {"stats_corpus": str(corpus), "stats_tokens": 2000, "stats_seq_len": 64}

@@ -32,34 +32,26 @@ REQS = [
 MORE = [
     {"prompt": "Michel Rocard is a native speaker of", "subject": "Michel Rocard", "target_new": " German"}
 ]
-CORPUS = " ".join(
-    ["Paris is the capital of France.", "The tower was built in 1889.", "She speaks French."] * 40
-)
 #: tiny random models have a flat key spectrum: a generous relative threshold leaves a real null space
 FAST = {"nullspace_threshold": 0.3, "v_steps": 4, "layers": [1, 2]}
 
 
-@pytest.fixture(scope="module")
-def env(smol_tok, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmedit-cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMEDIT_CACHE", str(root))
-        yield {"stats_corpus": str(corpus), "stats_tokens": 2000, "stats_seq_len": 64}
-
-
 @pytest.fixture(scope="module", params=ARCHS)
-def loaded(request, smol_tok, env):
+def loaded(request, smol_tok, stats_env):
     return tiny_loaded(request.param, smol_tok)
 
 
-def test_update_is_orthogonal_to_preserved_keys(loaded, env):
+def test_update_is_orthogonal_to_preserved_keys(loaded, stats_env):
     snap = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    patch = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **env)
+    patch = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **stats_env)
     assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
     stats = key_stats(
-        loaded, [1, 2], env["stats_corpus"], env["stats_tokens"], env["stats_seq_len"], progress=False
+        loaded,
+        [1, 2],
+        stats_env["stats_corpus"],
+        stats_env["stats_tokens"],
+        stats_env["stats_seq_len"],
+        progress=False,
     )
     for layer, d in zip((1, 2), patch.deltas):
         module = get_submodule(loaded.model, loaded.arch.module_name("mlp_out", layer))
@@ -72,8 +64,8 @@ def test_update_is_orthogonal_to_preserved_keys(loaded, env):
     assert patch.info["residual_after"] < patch.info["layers"][0]["residual_before"]
 
 
-def test_sequential_state_travels_in_the_patch(loaded, env, tmp_path):
-    p1 = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **env)
+def test_sequential_state_travels_in_the_patch(loaded, stats_env, tmp_path):
+    p1 = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, **stats_env)
     s1 = AlphaEditState.from_patch(p1)
     assert s1.n_edits == 2 and sorted(s1.keys) == [1, 2]
     json.dumps(p1.to_json())  # the config stays JSON-able
@@ -81,8 +73,8 @@ def test_sequential_state_travels_in_the_patch(loaded, env, tmp_path):
     assert sorted(back.extras) == sorted(p1.extras)
     assert all(torch.equal(back.extras[k], p1.extras[k]) for k in p1.extras)
     with p1.applied(loaded.model):
-        p2 = lmedit.edit(loaded, MORE, method="alphaedit", previous=back, **FAST, **env)
-        p2b = lmedit.edit(loaded, MORE, method="alphaedit", previous=s1, **FAST, **env)
+        p2 = lmedit.edit(loaded, MORE, method="alphaedit", previous=back, **FAST, **stats_env)
+        p2b = lmedit.edit(loaded, MORE, method="alphaedit", previous=s1, **FAST, **stats_env)
     s2 = AlphaEditState.from_patch(p2)
     assert s2.n_edits == 3 and p2.info["sequential_edits_before"] == 2
     torch.testing.assert_close(s2.keys[1][:, :2], s1.keys[1])
@@ -112,9 +104,9 @@ def test_projected_solver_math():
     )
 
 
-def test_empty_null_space_is_an_error(smol_tok, env):
+def test_empty_null_space_is_an_error(smol_tok, stats_env):
     loaded = tiny_loaded("llama", smol_tok)
     with pytest.raises(ConfigError, match="nullspace_threshold"):
         lmedit.edit(
-            loaded, REQS[0], method="alphaedit", nullspace_threshold=1e-9, v_steps=2, layers=[1], **env
+            loaded, REQS[0], method="alphaedit", nullspace_threshold=1e-9, v_steps=2, layers=[1], **stats_env
         )

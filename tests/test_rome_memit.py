@@ -26,29 +26,10 @@ REQS = [
         "target_new": " English",
     },
 ]
-CORPUS = " ".join(
-    [
-        "Paris is the capital of France.",
-        "The tower was built in 1889 for the fair.",
-        "She speaks French and English.",
-    ]
-    * 40
-)
-
-
-@pytest.fixture(scope="module")
-def env(smol_tok, tmp_path_factory):
-    """A private statistics cache and a small corpus (the tokenizer fixture is resolved first)."""
-    root = tmp_path_factory.mktemp("lmedit-cache")
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMEDIT_CACHE", str(root))
-        yield {"stats_corpus": str(corpus), "stats_tokens": 2000, "stats_seq_len": 64}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def loaded(request, smol_tok, env):
+def loaded(request, smol_tok, stats_env):
     return tiny_loaded(request.param, smol_tok)
 
 
@@ -61,7 +42,7 @@ def _same(model, snap):
 
 
 @pytest.mark.parametrize("key_mode", ["averaged", "original"])
-def test_rome_rank_one_writes_v_star(loaded, env, monkeypatch, key_mode):
+def test_rome_rank_one_writes_v_star(loaded, stats_env, monkeypatch, key_mode):
     captured = {}
     real = rome_mod.optimize_values
 
@@ -71,7 +52,7 @@ def test_rome_rank_one_writes_v_star(loaded, env, monkeypatch, key_mode):
 
     monkeypatch.setattr(rome_mod, "optimize_values", spy)
     snap = _snapshot(loaded.model)
-    patch = lmedit.edit(loaded, REQS[0], method="rome", layer=1, key_mode=key_mode, v_steps=5, **env)
+    patch = lmedit.edit(loaded, REQS[0], method="rome", layer=1, key_mode=key_mode, v_steps=5, **stats_env)
     assert _same(loaded.model, snap), "ROME mutated the model"
     (delta,) = patch.deltas
     assert delta.kind == "lowrank" and delta.left.shape[1] == 1
@@ -89,8 +70,8 @@ def test_rome_rank_one_writes_v_star(loaded, env, monkeypatch, key_mode):
     assert _same(loaded.model, snap)
 
 
-def test_rome_raises_target_probability_and_round_trips(loaded, env, tmp_path):
-    patch = lmedit.edit(loaded, REQS, method="rome", layer=1, v_steps=8, **env)
+def test_rome_raises_target_probability_and_round_trips(loaded, stats_env, tmp_path):
+    patch = lmedit.edit(loaded, REQS, method="rome", layer=1, v_steps=8, **stats_env)
     assert patch.deltas[0].left.shape[1] == 2  # two sequential rank-one updates
     prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
     before = [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
@@ -106,9 +87,11 @@ def test_rome_raises_target_probability_and_round_trips(loaded, env, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["memit", "pmet"])
-def test_batch_methods_reduce_the_residual(loaded, env, method):
+def test_batch_methods_reduce_the_residual(loaded, stats_env, method):
     snap = _snapshot(loaded.model)
-    patch = lmedit.edit(loaded, REQS, method=method, layers=[1, 2], mom2_update_weight=1.0, v_steps=6, **env)
+    patch = lmedit.edit(
+        loaded, REQS, method=method, layers=[1, 2], mom2_update_weight=1.0, v_steps=6, **stats_env
+    )
     assert _same(loaded.model, snap)
     assert [d.name for d in patch.deltas] == [
         loaded.arch.module_name("mlp_out", x) + ".weight" for x in (1, 2)
@@ -123,22 +106,22 @@ def test_batch_methods_reduce_the_residual(loaded, env, method):
     assert after > before
 
 
-def test_memit_default_weight_still_moves_towards_target(loaded, env):
-    patch = lmedit.edit(loaded, REQS, method="memit", layers=[1, 2], v_steps=4, **env)
+def test_memit_default_weight_still_moves_towards_target(loaded, stats_env):
+    patch = lmedit.edit(loaded, REQS, method="memit", layers=[1, 2], v_steps=4, **stats_env)
     assert patch.info["residual_after"] < patch.info["layers"][0]["residual_before"]
 
 
-def test_emmet_meets_equality_constraints(loaded, env):
+def test_emmet_meets_equality_constraints(loaded, stats_env):
     snap = _snapshot(loaded.model)
-    patch = lmedit.edit(loaded, REQS, method="emmet", layers=[1], gram_damping=0.0, v_steps=4, **env)
+    patch = lmedit.edit(loaded, REQS, method="emmet", layers=[1], gram_damping=0.0, v_steps=4, **stats_env)
     assert _same(loaded.model, snap)
     assert patch.info["layers"][0]["fit"] < 1e-3  # Delta K = R up to float error
 
 
-def test_templates_are_recorded_and_deterministic(smol_tok, env):
+def test_templates_are_recorded_and_deterministic(smol_tok, stats_env):
     loaded = tiny_loaded("llama", smol_tok)
-    a = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **env)
-    b = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **env)
+    a = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **stats_env)
+    b = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **stats_env)
     assert a.config["context_templates"][0] == "{}" and len(a.config["context_templates"]) == 11
     torch.testing.assert_close(a.deltas[0].materialize(), b.deltas[0].materialize())
 
