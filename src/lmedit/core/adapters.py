@@ -222,6 +222,141 @@ class GraceCodebook(AdapterWrapper):
         return codebook_forward(x, out, self.keys, self.values, self.epsilons)
 
 
+# ------------------------------------------------------------------------------------------------------ WISE
+def side_memory_forward(
+    x: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """WISE's routing between the main memory (the base output) and the side memory ``W_v' = W_v + delta``.
+
+    The activation of the side memory at a position is ``act = ||A(x) @ (W_v' - W_v)||_2 = ||x @ delta||_2``. A
+    position uses the side memory when the largest ``act`` over its sequence so far (itself included) exceeds
+    ``epsilon``, else the main memory: so the position that predicts the first target token is routed by the
+    maximum over the whole prompt, and routing never looks at later positions (padding on the right included).
+
+    Args:
+        x: module input ``A(x)`` [..., pos, d_in].
+        out: base module output ``W_v A(x)`` (+ bias) [..., pos, d_out].
+        delta: [d_in, d_out] side-memory change ``(W_v' - W_v)`` in input-major layout.
+        epsilon: routing threshold.
+
+    Returns:
+        [..., pos, d_out]: ``out + x @ delta`` at routed positions, ``out`` bit for bit elsewhere.
+    """
+    side = x @ delta.to(device=x.device, dtype=x.dtype)  # [..., pos, d_out]
+    act = torch.linalg.vector_norm(side.float(), dim=-1)  # [..., pos]
+    routed = act.cummax(dim=-1).values > epsilon  # [..., pos]
+    return torch.where(routed[..., None], out + side.to(out.dtype), out)
+
+
+def wise_side_delta(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``base`` [d_in, d_out] with ``rows`` [r, d_out] added at rows ``index`` [r] (a new tensor, dtype of base).
+
+    The one place where a WISE side memory is assembled, used by the wrapper and by the method (so the threshold
+    the method computes sees exactly the side memory the wrapper will hold).
+    """
+    out = base.clone()
+    out.index_add_(0, index.to(out.device), rows.to(device=out.device, dtype=out.dtype))
+    return out
+
+
+@register_adapter
+class WiseSideMemory(AdapterWrapper):
+    """WISE side memory (Wang et al. 2024) around one projection (``lmedit.methods.wise``).
+
+    Buffer: ``delta`` [d_in, d_out], the whole side memory's difference to the wrapped projection's weight, in
+    input-major layout whatever the projection's storage layout (so Linear and GPT-2 Conv1D are handled alike).
+    ``spec.config`` holds ``d_in``, ``d_out`` and the routing threshold ``epsilon``.
+
+    The spec stores the side memory incrementally: ``index`` [r] (long) names the rows (input features, i.e. the
+    MLP's neurons) this patch changed and ``rows`` [r, d_out] what it added to them; the side memory is the
+    parent adapter's ``delta`` (zero without a parent) plus those rows. Each wrapper holds its own dense copy
+    (the previous wrapper stays intact for undo).
+    """
+
+    kind = "wise"
+
+    def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
+        cfg = self.spec.config
+        index, rows = tensors["index"], tensors["rows"]
+        d_in, d_out = int(cfg.get("d_in", 0)), int(cfg.get("d_out", 0))
+        base = previous.delta if previous is not None else rows.new_zeros(d_in, d_out)
+        if not (
+            "epsilon" in cfg
+            and tuple(base.shape) == (d_in, d_out)
+            and index.dim() == 1
+            and tuple(rows.shape) == (index.shape[0], d_out)
+            and (index.numel() == 0 or 0 <= int(index.min()) <= int(index.max()) < d_in)
+        ):
+            raise PatchError(
+                f"WISE adapter at {self.spec.module}: side memory {tuple(base.shape)} (config {d_in} x {d_out}), "
+                f"row indices {tuple(index.shape)}, rows {tuple(rows.shape)} after extending "
+                f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
+            )
+        return {"delta": wise_side_delta(base, index, rows)}
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return side_memory_forward(x, out, self.delta, float(self.spec.config["epsilon"]))
+
+
+# ------------------------------------------------------------------------------------------------- T-Patcher
+def patch_neurons_forward(
+    x: torch.Tensor, out: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """T-Patcher's extra FFN neurons: ``out + relu(x @ keys.T + biases) @ values``.
+
+    Args:
+        x: the MLP's input hidden state [..., d_model].
+        out: the MLP's output [..., d_model].
+        keys: [n, d_model]; biases: [n]; values: [n, d_model] (one row per patch neuron).
+
+    Returns:
+        [..., d_model]. A neuron whose pre-activation is <= 0 adds exactly nothing (ReLU), so positions where no
+        patch neuron fires keep the base output bit for bit.
+    """
+    if keys.shape[0] == 0:
+        return out
+    pre = x @ keys.to(x).T + biases.to(x)  # [..., n]
+    act = torch.relu(pre)  # [..., n]
+    return out + (act @ values.to(x)).to(out.dtype)  # rows where every act is 0 add exactly 0
+
+
+@register_adapter
+class TPatcherNeurons(AdapterWrapper):
+    """T-Patcher patch neurons (Huang et al. 2023) around one whole MLP module (``lmedit.methods.tpatcher``).
+
+    Buffers: ``keys`` [n, d_model], ``biases`` [n], ``values`` [n, d_model]; the MLP's output gains
+    ``relu(x . key_i + bias_i) * value_i`` for every neuron, ``x`` being the MLP's input. The spec holds only
+    the neurons this patch adds after those of its parent; a chain's wrappers share one growing storage.
+    """
+
+    kind = "tpatcher"
+
+    def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
+        names = ("keys", "biases", "values")
+        if previous is None:
+            old, stores = {n: tensors[n][:0] for n in names}, {}
+        else:
+            old, stores = {n: getattr(previous, n) for n in names}, getattr(previous, "_stores", {})
+        self._stores = {n: _RowStore.extend(stores.get(n), old[n], tensors[n]) for n in names}
+        keys, biases, values = (self._stores[n].view() for n in names)
+        if not (
+            keys.shape[0] == biases.shape[0] == values.shape[0]
+            and biases.dim() == 1
+            and keys.shape[1:] == values.shape[1:]
+        ):
+            raise PatchError(
+                f"T-Patcher adapter at {self.spec.module}: keys {tuple(keys.shape)}, biases "
+                f"{tuple(biases.shape)}, values {tuple(values.shape)} after extending "
+                f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
+            )
+        return {"keys": keys, "biases": biases, "values": values}
+
+    def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise PatchError(f"T-Patcher wraps {self.spec.module}, whose output is not a tensor")
+        return patch_neurons_forward(x, out, self.keys, self.biases, self.values)
+
+
 # ------------------------------------------------------------------------------------------ install / remove
 def unwrap(module: nn.Module) -> nn.Module:
     """The innermost base module under any stack of adapter wrappers."""

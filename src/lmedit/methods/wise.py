@@ -1,0 +1,462 @@
+"""WISE (Wang et al. 2024, "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing"): a side memory.
+
+The main memory is one MLP output projection ``W_v`` (by default at 2/3 of the depth), left untouched. The edits
+go into a *side memory* ``W_v'``, a copy of ``W_v`` held by a ``WiseSideMemory`` wrapper
+(``lmedit.core.adapters``) as the difference ``delta = W_v' - W_v``. At inference a router picks, per sequence,
+which memory answers: with ``A(x)`` the projection's input at a token, the side memory's activation is
+``act(x) = ||A(x) (W_v' - W_v)||_2``; a position uses the side memory when the largest activation over the
+sequence so far (for the position that predicts the answer: over the whole prompt) exceeds a threshold
+``epsilon``, else the main memory, bit for bit.
+
+Editing (one patch, requests in order):
+
+* **Knowledge sharding.** The requests are cut into shards of ``edits_per_shard``. Each shard starts from the
+  current side memory and may change only a random subset of ``mask_ratio`` of its rows (rows = the
+  projection's input features, the MLP's neurons): the paper's random gradient mask, realised by training only
+  those rows. The mask is drawn from ``seed`` and the shard's position in the edit stream, so the shards of a
+  lifelong chain use different subspaces.
+* **Loss** (per step): the teacher-forced NLL of the targets with the side memory applied, plus the routing
+  loss ``ReLU(act(x_i) - alpha) + ReLU(beta - act(x_e)) + ReLU(gamma - (act(x_e) - act(x_i)))``, averaged over
+  edit prompts ``x_e`` and irrelevant inputs ``x_i`` (``act`` of a prompt = its maximum over tokens, as the
+  router sees it). The margins are in units of the mean norm of the base projection's output on the irrelevant
+  prompts (``act_margin``), so one default serves models of any width.
+* **Irrelevant inputs**: fixed generic sentences and (our addition) *contrast prompts*, the edit's own template
+  filled with other subjects, without which the template alone opens the side memory for neighbouring subjects.
+* **Merging.** With several shards, their changes (task vectors relative to the starting side memory) are merged
+  by TIES (trim each to its largest ``merge_density`` fraction by magnitude, elect each entry's sign by the sum,
+  average the entries that agree with it), or averaged (``merge="linear"``).
+* **Threshold.** ``epsilon = act_ratio * min over every edit prompt of the chain of act(prompt)``, computed with
+  the final side memory, so every edit prompt is routed to it by construction.
+
+Lifelong editing: when the model already carries a WISE wrapper at the chosen projection, training starts from
+its side memory and the patch's adapter *replaces* it (``AdapterSpec.parent``); the patch stores only the rows
+it changed (``index``, ``rows``), the threshold and the chain's edit prompts (to recompute the threshold).
+
+    >>> session = lmedit.EditSession(loaded)
+    >>> session.apply(lmedit.edit(loaded, req1, method="wise"))
+    >>> session.apply(lmedit.edit(loaded, req2, method="wise"))   # the same side memory, extended
+
+Not implemented from the paper: WISE-Retrieve (several side memories with top-1 activation retrieval) and the
+replay of earlier edits during later training. Different: the mask selects rows, not single entries (so a patch
+stores only the rows it changed), the optimiser is Adam (the paper's is SGD), and during cached generation each
+token after the first generated one is routed by its own activation (a decoding step sees one position).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lmedit.config import MethodConfig, hp
+from lmedit.core.adapters import AdapterSpec, installed_adapter, resolve_name, unwrap, wise_side_delta
+from lmedit.core.forward import target_logprobs
+from lmedit.core.hooks import Trace
+from lmedit.core.patch import EditPatch
+from lmedit.errors import ConfigError
+from lmedit.models import tokens
+from lmedit.models.arch import get_submodule
+from lmedit.registry import register_method
+from lmedit.request import EditRequest
+
+log = logging.getLogger(__name__)
+
+#: Generic sentences unrelated to any edit: WISE's irrelevant inputs x_i and T-Patcher's memory set.
+UNRELATED_PROMPTS: tuple[str, ...] = (
+    "The weather was cold and windy all week.",
+    "She opened the door and walked into the kitchen.",
+    "Water boils at a lower temperature on a high mountain.",
+    "He practises the piano for an hour every evening.",
+    "The meeting was moved to Thursday afternoon.",
+    "Most birds build their nests in the spring.",
+    "The recipe calls for two cups of flour and one egg.",
+    "After the long drive, we stopped for coffee.",
+    "The children played football in the park until dark.",
+    "Please remember to turn off the lights when you leave.",
+    "The museum is closed on public holidays.",
+    "A good night's sleep helps you concentrate.",
+)
+
+#: Other subjects put into each edit's own template (none occurs in the bundled dataset): extra irrelevant inputs.
+CONTRAST_SUBJECTS: tuple[str, ...] = ("Mount Kilimanjaro", "Marie Curie", "Heineken", "Vincent van Gogh")
+
+#: Layer presets for the bundled models: 2/3 of the depth (Gemma 3 270M has 18 layers, SmolLM2 135M 30).
+PRESETS = {
+    "gemma3-270m": {"layer": 12},
+    "smollm2-135m": {"layer": 20},
+}
+
+
+@dataclass
+class WiseConfig(MethodConfig):
+    layer: int | None = hp(
+        None, "Decoder layer whose MLP output projection gets the side memory (default: 2/3 of the depth)."
+    )
+    lr: float = hp(0.005, "Adam learning rate for the side memory's trainable rows.")
+    steps: int = hp(60, "Maximum optimisation steps per shard.")
+    mask_ratio: float = hp(
+        0.2, "rho: fraction of the side memory's rows (MLP neurons) one shard may change (its random mask)."
+    )
+    act_margin: list[float] = hp(
+        [0.5, 2.0, 1.0],
+        "alpha, beta, gamma of the routing loss: irrelevant prompts' activation below alpha, edit prompts' "
+        "above beta, and the edit's above the irrelevant ones' by gamma; in units of the mean L2 norm of the base "
+        "projection's output over the irrelevant prompts' tokens.",
+    )
+    act_ratio: float = hp(
+        0.88, "Routing threshold epsilon = act_ratio * the smallest activation over the chain's edit prompts."
+    )
+    edits_per_shard: int = hp(
+        5,
+        "Edits trained together in one shard; a patch with more requests trains several shards and merges them.",
+    )
+    merge: Literal["ties", "linear"] = hp(
+        "ties", "How shards are merged: TIES (trim, elect sign, disjoint mean) or a plain average ('linear')."
+    )
+    merge_density: float = hp(
+        0.53,
+        "TIES trim: fraction of each shard's entries (of the whole matrix) kept, the largest by magnitude.",
+    )
+    irrelevant_prompts: list[str] = hp(
+        list(UNRELATED_PROMPTS), "Irrelevant inputs x_i of the routing loss (every token counts)."
+    )
+    contrast_subjects: list[str] = hp(
+        list(CONTRAST_SUBJECTS),
+        "Subjects put into each edit's own prompt template to make further irrelevant inputs, so that the "
+        "template alone does not open the side memory (our addition to the paper; [] turns it off).",
+    )
+    early_stop_loss: float = hp(
+        1e-2,
+        "Stop a shard once its target NLL is below this and every routing margin holds (routing loss 0).",
+    )
+    progress: bool = hp(False, "Log each shard's losses at INFO level.")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if not 0 < self.mask_ratio <= 1:
+            raise ConfigError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if len(self.act_margin) != 3 or min(self.act_margin) < 0:
+            raise ConfigError(
+                f"act_margin must be three non-negative numbers [alpha, beta, gamma], got {self.act_margin}"
+            )
+        if not 0 < self.act_ratio <= 1:
+            raise ConfigError(f"act_ratio must be in (0, 1], got {self.act_ratio}")
+        if self.edits_per_shard < 1:
+            raise ConfigError(f"edits_per_shard must be >= 1, got {self.edits_per_shard}")
+        if not 0 < self.merge_density <= 1:
+            raise ConfigError(f"merge_density must be in (0, 1], got {self.merge_density}")
+        if not self.irrelevant_prompts:
+            raise ConfigError(
+                "irrelevant_prompts must not be empty: the routing loss needs irrelevant inputs"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ merging
+def ties_merge(task_vectors: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merging (Yadav et al. 2023) of task vectors of one shape.
+
+    1. Trim: keep the ``round(density * numel)`` entries of largest magnitude of each vector, zero the rest.
+    2. Elect: each entry's sign is the sign of the sum of the trimmed vectors there.
+    3. Disjoint merge: the mean, per entry, of the trimmed values whose sign agrees with the elected one (0 where
+       none does).
+
+    Args:
+        task_vectors: k tensors of the same shape.
+        density: fraction of entries kept by the trim, in (0, 1].
+    Returns:
+        The merged tensor (shape of the inputs).
+    """
+    stacked = torch.stack([t.float() for t in task_vectors])  # [k, ...]
+    flat = stacked.reshape(stacked.shape[0], -1)  # [k, N]
+    keep = max(1, min(flat.shape[1], round(density * flat.shape[1])))
+    top = flat.abs().topk(keep, dim=1).indices  # [k, keep]
+    trimmed = torch.zeros_like(flat).scatter(1, top, flat.gather(1, top))  # [k, N]
+    sign = torch.sign(trimmed.sum(0))  # [N]
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)  # [k, N]
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)  # [N]
+    return merged.reshape(stacked.shape[1:])
+
+
+def merge_shards(
+    shards: list[tuple[torch.Tensor, torch.Tensor]], d_in: int, method: str, density: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge shards given as (row index [r_i], rows [r_i, d_out]) into one (index [r], rows [r, d_out]).
+
+    One shard is returned as it is; several are scattered into dense [d_in, d_out] task vectors, merged by
+    ``ties_merge`` or averaged (``method="linear"``), and the rows any shard touched are returned.
+    """
+    if len(shards) == 1:
+        return shards[0]
+    d_out = shards[0][1].shape[1]
+    dense = []
+    for index, rows in shards:
+        tv = torch.zeros(d_in, d_out)
+        tv[index] = rows.float()
+        dense.append(tv)
+    merged = ties_merge(dense, density) if method == "ties" else torch.stack(dense).mean(0)
+    index = torch.unique(torch.cat([i for i, _ in shards]))  # sorted
+    return index, merged[index]
+
+
+# ------------------------------------------------------------------------------------------------ editing
+def edit_prompt(request: EditRequest) -> str:
+    """The prompt as scored with its target (``tokens.join_target`` moves trailing whitespace to the target)."""
+    return tokens.join_target(request.prompt_text, request.target_new)[0]
+
+
+def contrast_prompts(request: EditRequest, subjects: list[str]) -> list[str]:
+    """The request's template filled with each of ``subjects`` (its own subject skipped), as ``edit_prompt``."""
+    text = [request.template.replace("{}", s) for s in subjects if s != request.subject]
+    return [tokens.join_target(t, request.target_new)[0] for t in text]
+
+
+def module_inputs(loaded, path: str, prompts: list[str]) -> list[torch.Tensor]:
+    """Input of module ``path`` at every token of each prompt, one float32 tensor [n_tokens, d_in] per prompt."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(prompts), 16):
+        chunk = prompts[start : start + 16]
+        batch = tokens.pair_batch(loaded.tokenizer, chunk, [""] * len(chunk)).to(loaded.device)
+        with (
+            torch.no_grad(),
+            Trace(loaded.model, path, retain_input=True, retain_output=False, stop=True) as tr,
+        ):
+            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        out.extend(tr.input[i, :n].float() for i, n in enumerate(batch.prompt_lens))
+    return out
+
+
+def prompt_activation(xs: list[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """WISE activation of each prompt: max over its tokens of ``||A(x) @ delta||_2``.
+
+    Args:
+        xs: per prompt, the projection inputs [n_tokens, d_in].
+        delta: [d_in, d_out] side memory minus main memory.
+    Returns:
+        [n_prompts] (differentiable in ``delta``).
+    """
+    return torch.stack([torch.linalg.vector_norm(x @ delta, dim=-1).max() for x in xs])
+
+
+def routing_loss(act_edit: torch.Tensor, act_irr: torch.Tensor, alpha: float, beta: float, gamma: float):
+    """The paper's margin loss: irrelevant activations below alpha, edit ones above beta, apart by gamma.
+
+    Args:
+        act_edit: [n_e] activations of the edit prompts; act_irr: [n_i] of the irrelevant prompts.
+    Returns:
+        A scalar: ``mean ReLU(act_irr - alpha) + mean ReLU(beta - act_edit)
+        + mean over pairs ReLU(gamma - (act_edit - act_irr))``.
+    """
+    gap = act_edit[:, None] - act_irr[None, :]  # [n_e, n_i]
+    return (
+        torch.relu(act_irr - alpha).mean()
+        + torch.relu(beta - act_edit).mean()
+        + torch.relu(gamma - gap).mean()
+    )
+
+
+def _shard_mask(seed: int, stream_pos: int, d_in: int, ratio: float) -> torch.Tensor:
+    """Sorted row indices [r] a shard may change: ``ratio`` of ``d_in``, drawn from (seed, stream position)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + stream_pos)
+    r = max(1, round(ratio * d_in))
+    return torch.randperm(d_in, generator=gen)[:r].sort().values
+
+
+def _nll(loaded, batch: tokens.PairBatch) -> torch.Tensor:
+    lp, _ = target_logprobs(loaded.model, loaded.arch, batch)
+    return -(lp.sum(1) / batch.target_mask.sum(1)).mean()
+
+
+def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPatch:
+    """Compute the WISE patch for ``requests``, extending the installed side memory if there is one."""
+    model, device = loaded.model, loaded.device
+    n_layers = loaded.arch.n_layers(model)
+    layer = config.layer if config.layer is not None else (2 * n_layers) // 3
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
+    name = loaded.arch.module_name("mlp_out", layer)
+    path = resolve_name(model, name)
+    current = get_submodule(model, path)
+    previous = installed_adapter(model, name, "wise")
+    if previous is not None and previous is not current:
+        raise ConfigError(f"{name} holds a WISE adapter under another adapter; remove the outer one first")
+    base_mod = previous.base_layer if previous is not None else current
+    t0 = time.perf_counter()
+
+    irr = list(config.irrelevant_prompts)
+    prompts = [edit_prompt(r) for r in requests]
+    x_irr = module_inputs(loaded, path, irr)
+    x_edit = module_inputs(loaded, path, prompts)
+    contrast = [contrast_prompts(r, config.contrast_subjects) for r in requests]
+    flat = iter(module_inputs(loaded, path, [c for cs in contrast for c in cs]))
+    x_contrast = [[next(flat) for _ in cs] for cs in contrast]  # per request
+    with torch.no_grad():
+        flat_irr = torch.cat(x_irr)  # [n_tokens, d_in]
+        base_irr = base_mod(flat_irr.to(next(base_mod.parameters()).dtype)[None])[0].float()
+        scale = float(torch.linalg.vector_norm(base_irr, dim=-1).mean())
+    d_in, d_out = flat_irr.shape[1], base_irr.shape[1]
+    margins = tuple(m * scale for m in config.act_margin)  # alpha, beta, gamma
+    if previous is not None:
+        start_delta = previous.delta.detach().float()
+        earlier = list(previous.spec.config["prompts"])
+    else:
+        start_delta = torch.zeros(d_in, d_out, device=device)
+        earlier = []
+
+    shards: list[tuple[torch.Tensor, torch.Tensor]] = []
+    shard_log: list[dict] = []
+    for s in range(0, len(requests), config.edits_per_shard):
+        reqs = requests[s : s + config.edits_per_shard]
+        index = _shard_mask(config.seed, len(earlier) + s, d_in, config.mask_ratio)
+        x_shard = x_edit[s : s + len(reqs)]
+        x_neg = x_irr + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
+        rows, entry = _train_shard(
+            loaded,
+            path,
+            base_mod,
+            previous is not None,
+            start_delta,
+            index,
+            reqs,
+            x_shard,
+            x_neg,
+            margins,
+            config,
+        )
+        shards.append((index, rows))
+        shard_log.append(entry)
+        (log.info if config.progress else log.debug)("wise shard %d: %s", len(shards), entry)
+
+    index, rows = merge_shards(shards, d_in, config.merge, config.merge_density)
+    # the side memory exactly as the wrapper will assemble it (in the base layer's dtype), for the threshold
+    dtype = next(base_mod.parameters()).dtype
+    prior = (
+        previous.delta.detach()
+        if previous is not None
+        else torch.zeros(d_in, d_out, dtype=dtype, device=device)
+    )
+    final = wise_side_delta(prior, index, rows).float()
+    with torch.no_grad():
+        x_earlier = module_inputs(loaded, path, earlier) if earlier else []
+        act_edits = prompt_activation(x_earlier + x_edit, final)  # [n_chain]
+        act_irr = prompt_activation(x_irr, final)  # [n_irr]
+        x_con = [x for xs in x_contrast for x in xs]
+        act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
+    min_act = float(act_edits.min())
+    epsilon = config.act_ratio * min_act
+    spec = AdapterSpec(
+        "wise",
+        name,
+        config={
+            "d_in": d_in,
+            "d_out": d_out,
+            "epsilon": epsilon,
+            "min_act": min_act,
+            "act_ratio": config.act_ratio,
+            "prompts": earlier + prompts,
+        },
+        tensors={"index": index.cpu(), "rows": rows.detach().float().cpu()},
+        parent=previous.spec_fingerprint if previous is not None else None,
+    )
+    params = [f"{name}.{n}" for n, _ in unwrap(base_mod).named_parameters()]
+    info = {
+        "shards": shard_log,
+        "epsilon": epsilon,
+        "scale": scale,
+        "edit_activations": act_edits[len(earlier) :].tolist(),
+        "irrelevant_max_activation": float(act_irr.max()),
+        "irrelevant_routed_to_side": int((act_irr > epsilon).sum()),
+        "contrast_routed_to_side": int((act_con > epsilon).sum()),
+        "rows_changed": int(index.numel()),
+        "seconds": time.perf_counter() - t0,
+    }
+    return EditPatch(
+        method="wise",
+        config=config.to_dict() | {"layer": layer},
+        requests=[r.to_dict() for r in requests],
+        deltas=[],
+        base=EditPatch.base_of(loaded, params),
+        info=info,
+        adapters=[spec],
+    )
+
+
+def _train_shard(
+    loaded,
+    path: str,
+    base_mod: torch.nn.Module,
+    recompute_base: bool,
+    start_delta: torch.Tensor,
+    index: torch.Tensor,
+    requests: list[EditRequest],
+    x_edit: list[torch.Tensor],
+    x_neg: list[torch.Tensor],
+    margins: tuple[float, float, float],
+    config: WiseConfig,
+) -> tuple[torch.Tensor, dict]:
+    """Train the rows ``index`` of the side memory on one shard; returns (rows added [r, d_out], log entry).
+
+    ``x_edit`` holds the shard's edit prompts' projection inputs and ``x_neg`` the irrelevant ones (generic
+    sentences and the shard's contrast prompts), each [n_tokens, d_in].
+    """
+    device = loaded.device
+    batch = tokens.pair_batch(
+        loaded.tokenizer, [r.prompt_text for r in requests], [r.target_new for r in requests]
+    )
+    batch = batch.to(device)
+    idx = index.to(device)
+    rows = torch.zeros(idx.numel(), start_delta.shape[1], device=device, requires_grad=True)  # [r, d_out]
+    opt = torch.optim.Adam([rows], lr=config.lr)
+    state: dict[str, torch.Tensor] = {}
+
+    def side(out: torch.Tensor, _name: str) -> torch.Tensor:
+        x = tr.input
+        base_out = base_mod(x) if recompute_base else out  # an installed WISE wrapper's output is routed
+        return base_out + x @ state["delta"].to(x.dtype)
+
+    entry: dict = {"edits": len(requests), "rows": int(idx.numel())}
+    with Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=side) as tr:
+        for step in range(config.steps):
+            state["delta"] = start_delta.index_add(0, idx, rows)  # [d_in, d_out]
+            nll = _nll(loaded, batch)
+            act_e = prompt_activation(x_edit, state["delta"])  # [n_e]
+            act_i = prompt_activation(x_neg, state["delta"])  # [n_i]
+            act_loss = routing_loss(act_e, act_i, *margins)
+            separation = (act_e.min() - act_i.max()).item()
+            if step == 0:
+                entry.update(nll_first=nll.item(), act_loss_first=act_loss.item())
+            entry.update(
+                steps=step + 1, nll_last=nll.item(), act_loss_last=act_loss.item(), separation=separation
+            )
+            if nll.item() < config.early_stop_loss and act_loss.item() == 0:
+                break
+            opt.zero_grad()
+            (nll + act_loss).backward()
+            opt.step()
+    return rows.detach().float().cpu(), entry
+
+
+@register_method("wise", WiseConfig, family="weight-preserving", presets=PRESETS)
+def edit_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPatch:
+    """WISE: a routed side memory of one MLP projection (sharded, TIES-merged); weights untouched."""
+    return run_wise(loaded, requests, config)
+
+
+__all__ = [
+    "CONTRAST_SUBJECTS",
+    "UNRELATED_PROMPTS",
+    "contrast_prompts",
+    "edit_prompt",
+    "module_inputs",
+    "WiseConfig",
+    "merge_shards",
+    "prompt_activation",
+    "routing_loss",
+    "run_wise",
+    "ties_merge",
+]

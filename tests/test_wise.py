@@ -1,0 +1,224 @@
+"""WISE: routing and TIES merging on constructed tensors, and edits on a tiny model (lifelong, undo, save/load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.core.adapters import AdapterSpec, WiseSideMemory, install_adapters, side_memory_forward
+from lmedit.core.patch import EditPatch
+from lmedit.errors import ConfigError, PatchError
+from lmedit.methods.wise import (
+    UNRELATED_PROMPTS,
+    contrast_prompts,
+    merge_shards,
+    module_inputs,
+    prompt_activation,
+    routing_loss,
+    ties_merge,
+)
+from lmedit.request import EditRequest
+from tiny_models import tiny_loaded
+
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome",
+}
+REQ2 = {
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "subject": "Danielle Darrieux",
+    "target_new": " English",
+}
+IRRELEVANT = list(UNRELATED_PROMPTS[:3])
+FAST = dict(steps=25, lr=0.2)
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- constructed tensors
+def test_ties_merge_trims_elects_sign_and_averages_agreeing_entries():
+    tvs = [t(3, -2, 0, 1), t(-1, -4, 2, 0.5), t(2, 1, -1.5, 0)]
+    # no trim: signs of the sums (4, -5, 0.5, 1.5); entries disagreeing with them are left out of the means
+    assert ties_merge(tvs, 1.0).tolist() == [2.5, -3.0, 2.0, 0.75]
+    # keep the 2 largest of each: (3, -2, 0, 0), (0, -4, 2, 0), (2, 0, -1.5, 0); sums (5, -6, 0.5, 0)
+    assert ties_merge(tvs, 0.5).tolist() == [2.5, -3.0, 2.0, 0.0]
+    # an entry whose trimmed values cancel exactly has no elected sign: 0
+    assert ties_merge([t(1, 5), t(-1, 5)], 1.0).tolist() == [0.0, 5.0]
+
+
+def test_merge_shards_keeps_disjoint_shards_whole_with_ties_and_averages_with_linear():
+    a = (torch.tensor([0, 2]), t(1, 2, 3, 4).reshape(2, 2))
+    b = (torch.tensor([2, 3]), t(5, 6, 7, 8).reshape(2, 2))
+    assert merge_shards([a], 4, "ties", 0.5) is a
+    index, rows = merge_shards([a, b], 4, "ties", 1.0)
+    assert index.tolist() == [0, 2, 3]
+    assert rows.tolist() == [[1, 2], [4, 5], [7, 8]]  # row 2 is shared: mean of (3, 4) and (5, 6)
+    index, rows = merge_shards([a, b], 4, "linear", 1.0)
+    assert rows.tolist() == [[0.5, 1], [4, 5], [3.5, 4]]
+
+
+def test_routing_uses_the_side_memory_once_the_running_max_activation_exceeds_epsilon():
+    delta = torch.zeros(3, 2)
+    delta[0] = t(3, 4)  # only input feature 0 reaches the side memory; |x @ delta| = 5 * x[0]
+    edit = [[0, 1, 0], [1, 0, 0], [0, 0, 1]]  # activations 0, 5, 0
+    unrelated = [[0, 1, 0], [0.1, 0, 0], [0, 0, 1]]  # activations 0, 0.5, 0
+    x = torch.tensor([edit, unrelated], dtype=torch.float32)  # [batch 2, pos 3, d_in 3]
+    out = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    got = side_memory_forward(x, out, delta, epsilon=2.0)
+    assert torch.equal(got[0, 0], out[0, 0]), "before the activating token: main memory"
+    assert got[0, 1].tolist() == (out[0, 1] + t(3, 4)).tolist()
+    assert torch.equal(got[0, 2], out[0, 2] + x[0, 2] @ delta), "later positions stay on the side memory"
+    assert torch.equal(got[1], out[1]), "an unrelated sequence is answered by the main memory, bit for bit"
+    assert prompt_activation([x[0], x[1]], delta).tolist() == [5.0, 0.5]
+
+
+def test_contrast_prompts_put_other_subjects_into_the_edit_template():
+    req = EditRequest(**dict(REQ, prompt="The {} is located in the city of "))
+    got = contrast_prompts(req, ["Big Ben", "Eiffel Tower", "Louvre"])
+    assert got == ["The Big Ben is located in the city of", "The Louvre is located in the city of"]
+
+
+def test_routing_loss_margins():
+    alpha, beta, gamma = 1.0, 4.0, 2.0
+    assert routing_loss(t(5.0), t(0.5, 0.8), alpha, beta, gamma).item() == 0.0
+    # irrelevant 1.5 > alpha by 0.5 (mean over 2: 0.25); edit 3 < beta by 1; gaps (2.5, 1.5): 0.5 short (0.25)
+    assert routing_loss(t(3.0), t(0.5, 1.5), alpha, beta, gamma).item() == pytest.approx(0.25 + 1 + 0.25)
+
+
+def test_wrapper_routes_like_the_function_and_refuses_a_corrupt_spec():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    rows = t(3, 4)[None]
+    good = AdapterSpec(
+        "wise", "0", {"d_in": 3, "d_out": 2, "epsilon": 2.0}, {"index": torch.tensor([0]), "rows": rows}
+    )
+    x = torch.tensor([[[0.0, 1, 0], [1, 0, 0]]])
+    with torch.no_grad():
+        want = side_memory_forward(x, model[0](x), torch.cat([rows, torch.zeros(2, 2)]), 2.0)
+        handle = install_adapters(model, [good])
+        assert torch.equal(model(x), want)
+        handle.revert()
+    bad = AdapterSpec(
+        "wise", "0", {"d_in": 3, "d_out": 2, "epsilon": 2.0}, {"index": torch.tensor([5]), "rows": rows}
+    )
+    with pytest.raises(PatchError, match="corrupt"):
+        install_adapters(model, [bad])
+    assert isinstance(model[0], torch.nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, snapshot):
+    sd = model.state_dict()
+    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
+
+
+def lp(loaded, prompts, target=" Rome"):
+    return [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, [target] * len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def loaded(smol_tok):
+    return tiny_loaded("llama", smol_tok)
+
+
+def test_config_validation(loaded):
+    with pytest.raises(ConfigError, match="act_margin"):
+        lmedit.edit(loaded, REQ, method="wise", act_margin=[1.0, 2.0])
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        lmedit.edit(loaded, REQ, method="wise", mask_ratio=0)
+
+
+@pytest.fixture(scope="module")
+def patch(loaded):
+    return lmedit.edit(loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
+
+
+def test_edit_leaves_model_identical_raises_target_and_routes(loaded, patch):
+    snap = state(loaded.model)
+    again = lmedit.edit(loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
+    assert same(loaded.model, snap), "computing the edit never writes the model"
+    spec = patch.adapters[0]
+    assert torch.equal(again.adapters[0].tensors["rows"], spec.tensors["rows"]), (
+        "deterministic given the seed"
+    )
+    assert patch.deltas == [] and spec.kind == "wise" and spec.parent is None
+    assert spec.tensors["index"].numel() == round(0.2 * loaded.model.config.intermediate_size)
+    assert patch.info["irrelevant_routed_to_side"] == 0
+    x_edit, *x_irr = module_inputs(loaded, spec.module, [REQ["prompt"], *IRRELEVANT])
+    before = lp(loaded, [REQ["prompt"], *IRRELEVANT])
+    with patch.applied(loaded):
+        wrapper = loaded.model.get_submodule(spec.module)
+        assert isinstance(wrapper, WiseSideMemory)
+        after = lp(loaded, [REQ["prompt"], *IRRELEVANT])
+        eps = spec.config["epsilon"]
+        assert prompt_activation([x_edit], wrapper.delta).item() > eps, (
+            "the edit prompt reaches the side memory"
+        )
+        assert prompt_activation(x_irr, wrapper.delta).max().item() < eps, (
+            "irrelevant prompts stay on the main"
+        )
+    assert after[0] > before[0] + 2, (before[0], after[0])
+    assert after[1:] == before[1:], "prompts routed to the main memory are unchanged bit for bit"
+    assert same(loaded.model, snap)
+
+
+def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path, smol_tok):
+    reloaded = EditPatch.load(patch.save(tmp_path / "w"))
+    assert reloaded.adapters[0].config == patch.adapters[0].config
+    prompts = [REQ["prompt"], REQ2["prompt"], *IRRELEVANT]
+    with patch.applied(loaded):
+        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * len(prompts))]
+    fresh = tiny_loaded("llama", smol_tok)
+    with reloaded.applied(fresh):
+        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * len(prompts))] == want
+
+
+def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded, patch):
+    snap = state(loaded.model)
+    name = patch.adapters[0].module
+    base_scores = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
+    session = lmedit.EditSession(loaded)
+    session.apply(patch)
+    first = loaded.model.get_submodule(name)
+    second = lmedit.edit(loaded, REQ2, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
+    spec = second.adapters[0]
+    assert spec.parent == first.spec_fingerprint
+    assert spec.config["prompts"] == [REQ["prompt"], REQ2["prompt"]]
+    assert not torch.equal(spec.tensors["index"], patch.adapters[0].tensors["index"]), "a new random mask"
+    session.apply(second)
+    wrapper = loaded.model.get_submodule(name)
+    assert wrapper.base_layer is first.base_layer
+    grown = first.delta.clone()
+    grown.index_add_(0, spec.tensors["index"], spec.tensors["rows"])
+    assert torch.equal(wrapper.delta, grown), "the side memory is the first one plus the rows the second adds"
+    scores = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
+    assert scores[0] > base_scores[0] and scores[1] > base_scores[1], (base_scores, scores)
+    session.undo()
+    assert loaded.model.get_submodule(name) is first
+    with pytest.raises(PatchError, match="does not extend"):
+        patch.apply(loaded)
+    session.reset()
+    assert same(loaded.model, snap)
+    with pytest.raises(PatchError, match="not installed"):
+        second.apply(loaded)
+    assert same(loaded.model, snap)
+
+
+def test_shards_are_trained_under_their_own_masks_and_merged(loaded):
+    p = lmedit.edit(
+        loaded, [REQ, REQ2], method="wise", edits_per_shard=1, irrelevant_prompts=IRRELEVANT, **FAST
+    )
+    assert len(p.info["shards"]) == 2
+    r = round(0.2 * loaded.model.config.intermediate_size)
+    assert r < p.adapters[0].tensors["index"].numel() <= 2 * r, "the union of two different masks"
+    before = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
+    with p.applied(loaded):
+        after = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
+    assert after[0] > before[0] and after[1] > before[1], (before, after)
