@@ -25,8 +25,14 @@ FAST: dict[str, dict] = {
     # random tiny models have a nearly flat key spectrum: the default (relative 1e-2) null space can be empty
     "alphaedit": {"nullspace_threshold": 0.3},
     "grace": {"steps": 10},
+    "wise": {"steps": 20},
+    "tpatcher": {"steps": 20},
     "lora": {"steps": 10, "lr": 1e-2},
+    "ike": {"k": 2},  # the default 16 demonstrations exceed the tiny models' 256 positions
 }
+#: In-context methods: random tiny models do no in-context learning, so the contract checks that the patch
+#: changes what the model reads (the target's score moves), not that the probability rises.
+IN_CONTEXT = {"ike"}
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
 
 
@@ -46,7 +52,7 @@ def test_method_contract(method, loaded):
     before = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
     with patch.applied(loaded.model):
         after = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
-    assert after > before
+    assert after != before if method in IN_CONTEXT else after > before
     assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
 
 

@@ -27,7 +27,10 @@ BUILTIN_MODULES = (
     "lmedit.methods.emmet",
     "lmedit.methods.pmet",
     "lmedit.methods.grace",
+    "lmedit.methods.wise",
+    "lmedit.methods.tpatcher",
     "lmedit.methods.lora",
+    "lmedit.methods.ike",
 )
 
 

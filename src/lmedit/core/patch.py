@@ -12,6 +12,10 @@ A patch records fingerprints of every base tensor it touches; applying it to a m
 Weight-preserving methods (GRACE, ...) put ``adapters`` (``lmedit.core.adapters.AdapterSpec``) in the patch next
 to (or instead of) deltas: ``apply()`` installs them as wrapper modules and the handle's ``revert()`` puts the
 original module objects back. Their base modules' weights are fingerprinted in ``base`` like touched tensors.
+
+In-context methods (IKE) put a ``context`` (``lmedit.core.context.ContextSpec``) in the patch: ``apply()``
+installs it as the model's context memory, which lmedit's scoring and generation honour (raw ``model(...)`` calls
+do not); the handle's ``revert()`` puts the previous memory (or none) back.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from lmedit.core.adapters import AdapterSpec, AppliedAdapters, install_adapters, resolve_name
+from lmedit.core.context import AppliedContext, ContextSpec, install_context
 from lmedit.core.delta import (
     AppliedDeltas,
     Delta,
@@ -70,21 +75,28 @@ def _base_parameter(model: nn.Module, name: str) -> nn.Parameter:
 
 
 class AppliedPatch:
-    """Handle returned by ``EditPatch.apply``: ``revert()`` reverts the deltas, then removes the adapters."""
+    """Handle returned by ``EditPatch.apply``: ``revert()`` reverts the deltas, then removes the context memory,
+    then the adapters (the reverse of applying; every step runs even if an earlier one raises)."""
 
-    def __init__(self, deltas: AppliedDeltas, adapters: AppliedAdapters):
+    def __init__(
+        self, deltas: AppliedDeltas, adapters: AppliedAdapters, context: AppliedContext | None = None
+    ):
         self.deltas = deltas
         self.adapters = adapters
+        self.context = context
+
+    def _handles(self) -> list:
+        """The parts in the order they were applied."""
+        return [h for h in (self.adapters, self.context, self.deltas) if h is not None]
 
     @property
     def active(self) -> bool:
-        return self.deltas.active or self.adapters.active
+        return any(h.active for h in self._handles())
 
     def revert(self) -> None:
-        try:
-            self.deltas.revert()
-        finally:
-            self.adapters.revert()
+        with contextlib.ExitStack() as stack:  # callbacks run last-in first-out
+            for handle in self._handles():
+                stack.callback(handle.revert)
 
 
 @dataclass
@@ -104,6 +116,8 @@ class EditPatch:
             same safetensors file under an ``extra.`` prefix.
         adapters: wrapper modules installed by ``apply()`` (weight-preserving methods); their tensors are saved
             under an ``adapter.<i>.`` prefix, the rest in ``patch.json``.
+        context: the context memory installed by ``apply()`` (in-context methods), or None; its tensors are
+            saved under a ``context.`` prefix.
     """
 
     method: str
@@ -118,6 +132,7 @@ class EditPatch:
     )
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: list[AdapterSpec] = field(default_factory=list)
+    context: ContextSpec | None = None
 
     @staticmethod
     def base_of(loaded: Any, param_names: Sequence[str]) -> dict:
@@ -149,17 +164,21 @@ class EditPatch:
     def apply(self, model: Any, verify: bool = True) -> AppliedPatch:
         """Apply to ``model`` (nn.Module or LoadedModel); returns a handle whose ``revert()`` is bit-exact.
 
-        Adapters are installed first, then the deltas are added (parameter names resolved through wrappers);
-        any failure undoes both.
+        Adapters are installed first, then the context memory, then the deltas are added (parameter names
+        resolved through wrappers); any failure undoes all of them.
         """
         if verify:
             self.check_base(model)
         module = _module(model)
         adapters = install_adapters(module, self.adapters)
+        context = None
         try:
+            context = install_context(module, self.context) if self.context is not None else None
             deltas = [dataclasses.replace(d, name=resolve_name(module, d.name)) for d in self.deltas]
-            return AppliedPatch(apply_deltas(module, deltas), adapters)
+            return AppliedPatch(apply_deltas(module, deltas), adapters, context)
         except BaseException:
+            if context is not None:
+                context.revert()
             adapters.revert()
             raise
 
@@ -181,6 +200,7 @@ class EditPatch:
             "requests": self.requests,
             "deltas": [{"index": i, "name": d.name, "kind": d.kind} for i, d in enumerate(self.deltas)],
             "adapters": [{"index": i, **a.to_json()} for i, a in enumerate(self.adapters)],
+            "context": self.context.to_json() if self.context is not None else None,
             "base": self.base,
             "versions": self.versions,
             "info": self.info,
@@ -205,6 +225,10 @@ class EditPatch:
         tensors.update({f"extra.{k}": t.detach().contiguous().cpu() for k, t in self.extras.items()})
         for i, a in enumerate(self.adapters):
             tensors.update({f"adapter.{i}.{k}": t.detach().contiguous().cpu() for k, t in a.tensors.items()})
+        if self.context is not None:
+            tensors.update(
+                {f"context.{k}": t.detach().contiguous().cpu() for k, t in self.context.tensors.items()}
+            )
         meta = json.dumps(self.to_json(), indent=2, sort_keys=False)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         old = None
@@ -267,6 +291,14 @@ class EditPatch:
                     entry["kind"], entry["module"], entry.get("config", {}), parts, entry.get("parent")
                 )
             )
+        context = None
+        if meta.get("context") is not None:
+            entry = meta["context"]
+            parts = {k[len("context.") :]: v for k, v in flat.items() if k.startswith("context.")}
+            missing = sorted(set(entry.get("tensors", [])) - set(parts))
+            if missing:
+                raise PatchError(f"{tensor_path}: the context memory lacks tensors {missing}")
+            context = ContextSpec(entry.get("config", {}), parts, entry.get("parent"))
         return cls(
             method=meta["method"],
             config=meta["config"],
@@ -278,6 +310,7 @@ class EditPatch:
             created=meta.get("created", ""),
             extras={k[len("extra.") :]: v for k, v in flat.items() if k.startswith("extra.")},
             adapters=adapters,
+            context=context,
         )
 
     def summary(self) -> str:
@@ -304,6 +337,11 @@ class EditPatch:
             lines.append(
                 f"  - {a.module}: {a.kind} [{shapes}]" + (f" extends {a.parent}" if a.parent else "")
             )
+        if self.context is not None:
+            facts = self.context.config.get("facts", [])
+            parent = f" (extends {self.context.parent})" if self.context.parent else ""
+            lines.append(f"context:  {len(facts)} fact(s){parent}")
+            lines.extend(f"  - {f!r}" for f in facts[:10])
         lines.append("config:   " + json.dumps(self.config, sort_keys=True))
         if self.info:
             lines.append("info:     " + json.dumps(self.info, sort_keys=True))

@@ -4,6 +4,9 @@ One forward pass per batch, pairs sorted by length to keep padding small; pad po
 only the positions that predict target tokens go through the LM head (``lmedit.core.forward``). Token handling
 (BOS, leading spaces) is ``lmedit.models.tokens``'s, shared with the editing code.
 
+Both entry points read each prompt as the model's installed context memory says (``lmedit.core.context``, e.g.
+an IKE patch): a prefix may be prepended, whose tokens are never scored and never returned by generation.
+
     >>> scores = score_pairs(loaded, ["The Eiffel Tower is in"], [" Paris"])
     >>> scores[0].mean_logprob, scores[0].accuracy, scores[0].argmax
     >>> greedy_generate(loaded, ["The Eiffel Tower is in"], max_new_tokens=10)
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmedit.core.context import with_context
 from lmedit.core.forward import HEAD_CHUNK, score_logits, target_logprobs
 from lmedit.models import tokens
 
@@ -61,6 +65,7 @@ def score_pairs(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     model, tok = loaded
     arch, device = loaded.arch, loaded.device
+    prompts = with_context(model, prompts)
     order = _order(prompts, targets)
     out: list[PairScore | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -90,6 +95,7 @@ def generate_ids(
     """
     model, tok = loaded
     device = loaded.device
+    prompts = with_context(model, prompts)
     order = _order(prompts)
     eos = tok.eos_token_id
     out: list[list[int] | None] = [None] * len(prompts)

@@ -41,6 +41,7 @@ import torch
 
 from lmedit.api import edit as compute_edit
 from lmedit.config import build_config, describe
+from lmedit.core.context import with_context
 from lmedit.core.forward import final_hidden
 from lmedit.core.patch import META_FILE, TENSOR_FILE, EditPatch
 from lmedit.errors import ConfigError, EditFailedError, LmeditError, PatchError, RequestError
@@ -314,9 +315,10 @@ class ServerState:
         if not 1 <= max_new_tokens <= self.max_generate_tokens:
             raise ServeError(422, f"max_new_tokens must be in 1..{self.max_generate_tokens}", "validation")
         tok = self.loaded.tokenizer
-        ids, _ = tokens.encode_prompt(tok, prompt)
-        self._check_length(len(ids) + max_new_tokens, "prompt")
         with self.model_lock:
+            # the prompt as the model reads it: an installed context memory (IKE) may prepend a prefix
+            ids, _ = tokens.encode_prompt(tok, with_context(self.loaded.model, [prompt])[0])
+            self._check_length(len(ids) + max_new_tokens, "prompt")
             version = self.version
             history = [e.id for e in self._entries]
             ids_t = torch.tensor([ids], device=self.loaded.device)  # [1, pos]
