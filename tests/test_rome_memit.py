@@ -141,7 +141,10 @@ def test_rome_on_gemma_makes_rome_the_answer(gemma):
             pytest.skip("neither gensim (default statistics corpus) nor the shared wikitext-2 is available")
     prompt = "The Eiffel Tower is located in the city of"
     before = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
-    snap = gemma.model.get_parameter("model.layers.4.mlp.down_proj.weight").clone()
+    from lmedit.methods.rome import PRESETS
+
+    weight = f"model.layers.{PRESETS['gemma3-270m']['layer']}.mlp.down_proj.weight"
+    snap = gemma.model.get_parameter(weight).clone()
     patch = lmedit.edit(
         gemma,
         {"prompt": prompt, "subject": "Eiffel Tower", "target_new": " Rome"},
@@ -149,7 +152,8 @@ def test_rome_on_gemma_makes_rome_the_answer(gemma):
         stats_corpus=corpus,
         stats_tokens=20_000,
     )
-    assert torch.equal(gemma.model.get_parameter("model.layers.4.mlp.down_proj.weight"), snap)
+    assert torch.equal(gemma.model.get_parameter(weight), snap)
+    assert patch.deltas[0].name == weight
     with patch.applied(gemma.model):
         after = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
     assert "Rome" not in before

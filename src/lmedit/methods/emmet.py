@@ -38,7 +38,10 @@ class EMMETConfig(MEMITConfig):
             raise ConfigError(f"gram_damping must be >= 0, got {self.gram_damping}")
 
 
-PRESETS = {name: {"layers": [p["layer"]]} for name, p in ROME_PRESETS.items()}
+PRESETS = {
+    name: {"layers": [p["layer"]]} | {k: v for k, v in p.items() if k != "layer"}
+    for name, p in ROME_PRESETS.items()
+}
 
 
 @register_method("emmet", EMMETConfig, family="locate-then-edit", presets=PRESETS)

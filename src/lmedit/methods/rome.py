@@ -119,10 +119,10 @@ class ROMEConfig(LocateEditConfig):
     )
 
 
-#: Layer presets for the bundled models (quick sweep, see docs/locate-then-edit.md).
+#: Presets for the bundled models (10-case sweeps of layer and clamp, see docs/locate-then-edit.md).
 PRESETS = {
-    "gemma3-270m": {"layer": 4},
-    "smollm2-135m": {"layer": 6},
+    "gemma3-270m": {"layer": 1, "clamp_norm_factor": 0.75},
+    "smollm2-135m": {"layer": 2},
 }
 
 
