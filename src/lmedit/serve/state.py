@@ -340,12 +340,14 @@ class ServerState:
 
     def score(self, prompt: str, targets: list[str]) -> dict:
         """Teacher-forced log-probabilities of each target after ``prompt``."""
-        for j, t in enumerate(targets):
-            enc = tokens.encode_pair(self.loaded.tokenizer, prompt, t)
-            if enc.target_len == 0:
-                raise ServeError(422, f"targets[{j}]: {t!r} tokenizes to nothing", "validation")
-            self._check_length(len(enc.ids), "prompt")
         with self.model_lock:
+            # the prompt as the model reads it: an installed context memory (IKE) may prepend a prefix
+            read = with_context(self.loaded.model, [prompt])[0]
+            for j, t in enumerate(targets):
+                enc = tokens.encode_pair(self.loaded.tokenizer, read, t)
+                if enc.target_len == 0:
+                    raise ServeError(422, f"targets[{j}]: {t!r} tokenizes to nothing", "validation")
+                self._check_length(len(enc.ids), "prompt")
             version = self.version
             scores = score_pairs(self.loaded, [prompt] * len(targets), targets)
         return {
