@@ -192,16 +192,19 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     assert spec.parent == first.spec_fingerprint
     assert spec.config["prompts"] == [REQ["prompt"], REQ2["prompt"]]
     assert not torch.equal(spec.tensors["index"], patch.adapters[0].tensors["index"]), "a new random mask"
+    first_memory = first.delta.clone()
     session.apply(second)
     wrapper = loaded.model.get_submodule(name)
     assert wrapper.base_layer is first.base_layer
-    grown = first.delta.clone()
+    assert wrapper.delta is first.delta, "extended in place: one dense side memory for the whole chain"
+    grown = first_memory.clone()
     grown.index_add_(0, spec.tensors["index"], spec.tensors["rows"])
     assert torch.equal(wrapper.delta, grown), "the side memory is the first one plus the rows the second adds"
     scores = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
     assert scores[0] > base_scores[0] and scores[1] > base_scores[1], (base_scores, scores)
     session.undo()
     assert loaded.model.get_submodule(name) is first
+    assert torch.equal(first.delta, first_memory), "undo writes the overwritten rows back bit for bit"
     with pytest.raises(PatchError, match="does not extend"):
         patch.apply(loaded)
     session.reset()

@@ -104,6 +104,12 @@ class AdapterWrapper(nn.Module):
         same-kind adapter this one replaces (None if none). Default: the spec's tensors as they are."""
         return tensors
 
+    def release(self) -> None:
+        """Called when this wrapper is taken out and the module it replaced goes back (default: nothing).
+
+        A wrapper that updated the replaced adapter's buffers in place (to avoid a copy) restores them here.
+        """
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.adapt(x, self.base_layer(x, *args, **kwargs))
 
@@ -269,8 +275,9 @@ class WiseSideMemory(AdapterWrapper):
 
     The spec stores the side memory incrementally: ``index`` [r] (long) names the rows (input features, i.e. the
     MLP's neurons) this patch changed and ``rows`` [r, d_out] what it added to them; the side memory is the
-    parent adapter's ``delta`` (zero without a parent) plus those rows. Each wrapper holds its own dense copy
-    (the previous wrapper stays intact for undo).
+    parent adapter's ``delta`` (zero without a parent) plus those rows. A wrapper that extends a parent updates
+    the parent's ``delta`` in place and keeps only the overwritten rows, which ``release()`` writes back when it
+    is taken out, so undo is bit-exact and a chain of N patches holds one dense side memory.
     """
 
     kind = "wise"
@@ -292,7 +299,21 @@ class WiseSideMemory(AdapterWrapper):
                 f"row indices {tuple(index.shape)}, rows {tuple(rows.shape)} after extending "
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
-        return {"delta": wise_side_delta(base, index, rows)}
+        if previous is None:
+            return {"delta": wise_side_delta(base, index, rows)}
+        # extend the replaced adapter's side memory in place: keep only the rows this patch overwrites, so a
+        # chain of N patches holds one side memory plus N patches' rows, not N copies (restored in release())
+        idx = index.to(base.device)
+        self._saved = (previous.delta, idx, previous.delta[idx].clone())
+        base.index_add_(0, idx, rows.to(device=base.device, dtype=base.dtype))
+        return {"delta": base}
+
+    def release(self) -> None:
+        saved = getattr(self, "_saved", None)
+        if saved is not None:
+            delta, idx, old = saved
+            delta[idx] = old  # bit-exact: the saved values are written back, not subtracted
+            self._saved = None
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return side_memory_forward(x, out, self.delta, float(self.spec.config["epsilon"]))
@@ -415,13 +436,14 @@ class AppliedAdapters:
     """Handle returned by ``install_adapters``; ``revert()`` puts the previous module objects back."""
 
     def __init__(self) -> None:
-        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self._swaps: list[tuple[nn.Module, str, nn.Module, AdapterWrapper]] = []
         self.active = True
 
     def revert(self) -> None:
         if not self.active:
             return
-        for parent, attr, previous in reversed(self._swaps):
+        for parent, attr, previous, wrapper in reversed(self._swaps):
+            wrapper.release()
             setattr(parent, attr, previous)
         self._swaps.clear()
         self.active = False
@@ -457,7 +479,7 @@ def install_adapters(model: nn.Module, specs: Sequence[AdapterSpec]) -> AppliedA
                 base = current
             previous = current if current is not base else None
             wrapper = ADAPTER_KINDS[spec.kind](base, spec, previous)
-            handle._swaps.append((parent, attr, current))
+            handle._swaps.append((parent, attr, current, wrapper))
             setattr(parent, attr, wrapper)
             log.debug("installed %s adapter at %s", spec.kind, spec.module)
     except BaseException:
