@@ -14,20 +14,11 @@ from lmedit.core.hooks import Trace, active_hook_count
 from lmedit.core.patch import EditPatch
 from lmedit.errors import PatchError
 from lmedit.models import tokens
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 PROMPT = "The Eiffel Tower is located in the city of"
 OTHER = "My favourite food is"
 LAYER = 2
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    sd = model.state_dict()
-    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from lmedit.core.adapters import GraceCodebook, codebook_forward
 from lmedit.core.patch import EditPatch
 from lmedit.errors import PatchError
 from lmedit.methods.grace import Codebook, update_codebook
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -65,15 +65,6 @@ def test_codebook_forward_replaces_only_inside_the_radius():
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    sd = model.state_dict()
-    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
-
-
 def lp(loaded, prompts, targets):
     return [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets)]
 

@@ -10,7 +10,7 @@ from lmedit.core.delta import LowRankDelta, apply_deltas
 from lmedit.errors import ConfigError
 from lmedit.methods.lora import LoRAConfig, _lora_layer
 from lmedit.models.arch import weight_layout
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 pytest.importorskip("peft")
 
@@ -19,14 +19,6 @@ REQ = {
     "subject": "Eiffel Tower",
     "target_new": " Rome",
 }
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    return all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

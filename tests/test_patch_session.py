@@ -12,21 +12,13 @@ import lmedit
 from lmedit.core.delta import DenseDelta, LowRankDelta, apply_deltas, fingerprint
 from lmedit.core.patch import EditPatch
 from lmedit.errors import EditFailedError, PatchError
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
     "subject": "Eiffel Tower",
     "target_new": " Rome",
 }
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    return all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.tpatcher import TPatcherConfig, hinge, neuron_losses
 from lmedit.methods.wise import UNRELATED_PROMPTS, module_inputs
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -68,15 +68,6 @@ def test_an_inlined_mlp_is_refused(smol_tok):
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    sd = model.state_dict()
-    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
-
-
 def lp(loaded, prompts, target=" Rome"):
     return [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, [target] * len(prompts))]
 

@@ -19,7 +19,7 @@ from lmedit.methods.wise import (
     ties_merge,
 )
 from lmedit.request import EditRequest
-from tiny_models import tiny_loaded
+from tiny_models import same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -110,15 +110,6 @@ def test_wrapper_routes_like_the_function_and_refuses_a_corrupt_spec():
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(model, snapshot):
-    sd = model.state_dict()
-    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
-
-
 def lp(loaded, prompts, target=" Rome"):
     return [s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, [target] * len(prompts))]
 

@@ -74,3 +74,14 @@ def tiny_model(
 def tiny_loaded(model_type: str, tokenizer, seed: int = 0, **kw) -> LoadedModel:
     model = tiny_model(model_type, len(tokenizer), seed, **kw)
     return _prepare(model, tokenizer, None, f"tiny-{model_type}", {"kind": "tiny"})
+
+
+def state(model):
+    """A copy of every tensor of ``model``'s state dict (to check later that nothing was written)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, snapshot):
+    """True when ``model`` holds exactly the tensors of ``snapshot`` (same names, bit for bit)."""
+    sd = model.state_dict()
+    return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
