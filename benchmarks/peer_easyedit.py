@@ -495,32 +495,22 @@ def main(argv: list[str] | None = None) -> int:
     stats_s = stats_cpu = 0.0
     if needs_stats:
         t0, c0 = time.perf_counter(), time.process_time()
-        if args.method == "rome":
-            get_inv_cov = importlib.import_module("easyeditor.models.rome.compute_u").get_inv_cov
-
-            for layer in layers:
-                get_inv_cov(
-                    model,
-                    tok,
-                    hp.rewrite_module_tmp.format(layer),
-                    hp.mom2_dataset,
-                    hp.mom2_n_samples,
-                    hp.mom2_dtype,
-                    hparams=hp,
-                )
-        else:
-            get_cov = importlib.import_module("easyeditor.models.memit.memit_main").get_cov
-
-            for layer in layers:
-                get_cov(
-                    model,
-                    tok,
-                    hp.rewrite_module_tmp.format(layer),
-                    hp.mom2_dataset,
-                    hp.mom2_n_samples,
-                    hp.mom2_dtype,
-                    hparams=hp,
-                )
+        # ROME inverts the covariance, MEMIT keeps it: the same call signature either way
+        stats_fn = (
+            importlib.import_module("easyeditor.models.rome.compute_u").get_inv_cov
+            if args.method == "rome"
+            else importlib.import_module("easyeditor.models.memit.memit_main").get_cov
+        )
+        for layer in layers:
+            stats_fn(
+                model,
+                tok,
+                hp.rewrite_module_tmp.format(layer),
+                hp.mom2_dataset,
+                hp.mom2_n_samples,
+                hp.mom2_dtype,
+                hparams=hp,
+            )
         stats_s, stats_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     prompts = [c["prompt_text"] for c in cases]
