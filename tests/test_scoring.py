@@ -9,7 +9,12 @@ import torch
 import transformers
 
 import lmedit
-from lmedit.evaluate.scoring import generate_ids, greedy_generate, score_pairs
+from lmedit.evaluate.scoring import (
+    generate_ids,
+    greedy_generate,
+    prefix_groups,
+    score_pairs,
+)
 from lmedit.models import tokens
 
 CACHE = Path.home() / ".cache" / "lmedit" / "models"
@@ -47,11 +52,15 @@ def tiny():
 
 
 def _reference(loaded, prompt: str, target: str) -> tuple[list[float], list[int]]:
-    """One pair, no padding, full logits of every position: the obvious computation."""
+    """One pair, no padding, full logits of every position: the obvious computation.
+
+    The log-softmax runs in float64: over Gemma's 262k-token vocabulary a float32 log-softmax is itself off
+    by up to ~6e-5 (measured against float64), more than the tolerance.
+    """
     model, tok = loaded
     enc = tokens.encode_pair(tok, prompt, target)
     with torch.no_grad():
-        logits = model(torch.tensor([enc.ids])).logits[0].float()  # [pos, vocab]
+        logits = model(torch.tensor([enc.ids])).logits[0].double()  # [pos, vocab]
     pos = torch.arange(enc.prompt_len - 1, len(enc.ids) - 1)
     lp = torch.log_softmax(logits[pos], -1)
     tgt = torch.tensor(enc.ids[enc.prompt_len :])
@@ -87,6 +96,45 @@ def test_batched_scores_equal_per_example(tiny, batch_size):
     _check_scores(tiny, PAIRS, batch_size)
 
 
+#: pairs that share prefixes: one prompt with two answers, two prompts about one subject, unrelated ones
+SHARED = [
+    ("The Eiffel Tower is located in the city of", " Paris"),
+    ("The Eiffel Tower is located in the city of", " Rome"),
+    ("The Eiffel Tower is located in the country of", " France"),
+    ("The Eiffel Tower is located in the country of", " Italy and Spain"),
+    ("The Eiffel Tower is", " tall"),
+    ("The mother tongue of Danielle Darrieux is", "French"),
+    ("The mother tongue of Danielle Darrieux is", " English"),
+    ("BBC One, by", "BBC"),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_shared_prefix_scores_equal_per_example(smol_tok, arch, batch_size):
+    from tiny_models import tiny_loaded
+
+    loaded = tiny_loaded(arch, smol_tok)
+    encs = [tokens.encode_pair(smol_tok, p, t) for p, t in SHARED]
+    groups = prefix_groups([e.ids[:-1] for e in encs], [e.prompt_len - 1 for e in encs])
+    assert sum(len(g) for n, g in groups if n > 0) >= 5  # the shared-prefix path is exercised
+    _check_scores(loaded, SHARED, batch_size)
+
+
+def test_prefix_groups_share_only_what_is_allowed():
+    inputs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 4, 9], [8, 8, 8, 8, 8], [1, 2]]
+    limits = [5, 5, 4, 4, 1]
+    groups = prefix_groups(inputs, limits, min_shared=3)
+    assert sorted(i for _, g in groups for i in g) == [0, 1, 2, 3, 4]  # every input exactly once
+    assert (4, [2, 0, 1]) in groups or (4, [0, 1, 2]) in groups  # the prefix [1,2,3,4] is shared by three
+    assert (0, [3]) in groups and (0, [4]) in groups  # nothing shared: singletons
+    for n, g in groups:
+        assert n <= min(limits[i] for i in g)
+        assert all(inputs[i][:n] == inputs[g[0]][:n] for i in g)
+    # a limit stops sharing: only 2 tokens may be shared, below min_shared
+    assert all(n == 0 for n, _ in prefix_groups(inputs[:2], [2, 2], min_shared=3))
+
+
 def test_head_chunking_does_not_change_scores(tiny, monkeypatch):
     from lmedit.core import forward
 
@@ -114,5 +162,6 @@ def gemma():
 @pytest.mark.real
 def test_real_model_batched_scores_equal_per_example(gemma):
     _check_scores(gemma, PAIRS[:4], batch_size=4)
+    _check_scores(gemma, SHARED[:5], batch_size=8)
     s = score_pairs(gemma, ["The Eiffel Tower is located in the city of"], [" Paris"])[0]
     assert s.accuracy == 1.0  # the bundled model knows this fact

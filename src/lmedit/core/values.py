@@ -26,7 +26,6 @@ are independent: the summed loss gives each its own gradient), each stopping whe
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmedit.core.hooks import Trace, TraceDict
+from lmedit.core.forward import prefix_layout, run_prefix, run_suffix
+from lmedit.core.hooks import TraceDict
 from lmedit.models import tokens
 from lmedit.models.arch import final_logits
 from lmedit.request import EditRequest
@@ -166,19 +166,6 @@ def optimize_values(
     )
 
 
-def _cache_kwarg(model) -> str:
-    """``cache`` in recent transformers, ``past_key_values`` before (the old name warns of removal)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _call(model, overrides, **kwargs):
-    if overrides:
-        return torch.func.functional_call(model, overrides, (), kwargs, strict=False)
-    return model(**kwargs)
-
-
 def _optimize_chunk(
     loaded, requests, sites, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, kl_prompt, timing,
     overrides,
@@ -187,23 +174,10 @@ def _optimize_chunk(
     arch = loaded.arch
     device = loaded.device
     rows = _rows(tok, requests, templates, kl_prompt if kl_factor > 0 else None)
-    n_req, n_rows = len(requests), len(rows)
-    pid = tokens.pad_id(tok)
-    P = max(r.subject for r in rows)  # prefix width (left-padded)
-    S = max(len(r.ids) - r.subject for r in rows)  # suffix width (right-padded)
-    pre_ids = torch.full((n_rows, P), pid, dtype=torch.long)
-    suf_ids = torch.full((n_rows, S), pid, dtype=torch.long)
-    mask = torch.zeros((n_rows, P + S), dtype=torch.long)
-    pre_pos = torch.zeros((n_rows, P), dtype=torch.long)
-    suf_pos = torch.zeros((n_rows, S), dtype=torch.long)
-    for i, r in enumerate(rows):
-        p, s_len = r.subject, len(r.ids) - r.subject
-        if p:
-            pre_ids[i, P - p :] = torch.tensor(r.ids[:p])
-            pre_pos[i, P - p :] = torch.arange(p)
-        suf_ids[i, :s_len] = torch.tensor(r.ids[p:])
-        suf_pos[i] = torch.arange(p, p + S)
-        mask[i, P - p : P + s_len] = 1
+    n_req = len(requests)
+    layout = prefix_layout(
+        [r.ids[: r.subject] for r in rows], [r.ids[r.subject :] for r in rows], tokens.pad_id(tok)
+    ).to(device)
     # target positions (in suffix coordinates) and the essence prompts' last positions
     t_row, t_pos, t_tok = [], [], []
     for i, r in enumerate(rows):
@@ -226,21 +200,7 @@ def _optimize_chunk(
 
     # ---- prefix pass: once, cached
     t0 = time.perf_counter()
-    cache = None
-    if P > 0:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), Trace(model, arch.ln_f, stop=True):
-            _call(
-                model,
-                overrides,
-                input_ids=pre_ids.to(device),
-                attention_mask=mask[:, :P].to(device),
-                position_ids=pre_pos.to(device),
-                **{_cache_kwarg(model): cache},
-                use_cache=True,
-            )
+    cache = run_prefix(model, arch, layout, overrides)
     timing["prefix_s"] += time.perf_counter() - t0
 
     d_sites = {}
@@ -256,24 +216,9 @@ def _optimize_chunk(
         h = torch.cat([h[:, :1] + d[:, None], h[:, 1:]], dim=1)
         return _replace_first(output, h)
 
-    suf_ids_d, mask_d, suf_pos_d = suf_ids.to(device), mask.to(device), suf_pos.to(device)
-
     def forward():
-        kv = copy.deepcopy(cache) if cache is not None else None
-        with (
-            TraceDict(model, sites, retain_output=False, edit_output=edit),
-            Trace(model, arch.ln_f, stop=True) as fin,
-        ):
-            _call(
-                model,
-                overrides,
-                input_ids=suf_ids_d,
-                attention_mask=mask_d,
-                position_ids=suf_pos_d,
-                **{_cache_kwarg(model): kv},
-                use_cache=kv is not None,
-            )
-        return fin.output  # [rows, S, d_model]
+        with TraceDict(model, sites, retain_output=False, edit_output=edit):
+            return run_suffix(model, arch, layout, cache, overrides)  # [rows, S, d_model]
 
     # a first forward without deltas: the sites' original outputs (init) and the essence reference
     with torch.no_grad():

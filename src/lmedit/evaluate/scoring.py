@@ -1,8 +1,15 @@
 """Batched scoring: teacher-forced target log-probabilities / argmax tokens, and greedy generation.
 
-One forward pass per batch, pairs sorted by length to keep padding small; pad positions are never counted;
-only the positions that predict target tokens go through the LM head (``lmedit.core.forward``). Token handling
-(BOS, leading spaces) is ``lmedit.models.tokens``'s, shared with the editing code.
+Teacher-forced scoring packs, it does not pad. Pairs are tokenized first (a pair's last token is never fed: it
+is only predicted). Pairs whose inputs begin with the same ``MIN_SHARED``+ tokens (one prompt scored with
+several answers, neighbour prompts about one subject, an in-context prefix) form one unit whose shared prefix
+is computed once; units are packed into rows of ``PACK_TOKENS`` tokens with a block attention mask and explicit
+positions (``lmedit.core.forward.pack``), so each token computes exactly what it would alone, almost no
+padding is computed, and a forward pass holds up to ``batch_size`` pairs. The final-norm states at target
+positions are collected across passes and go through the LM head together, ``HEAD_CHUNK`` positions at a
+time, streamed over the vocabulary (``head_scores``). On the bundled Gemma 3 270M this scores CounterFact
+probes ~1.7x faster than padded batches (``benchmarks/eval_speed.py``). Token handling (BOS, leading spaces)
+is ``lmedit.models.tokens``'s, shared with the editing code.
 
 Both entry points read each prompt as the model's installed context memory says (``lmedit.core.context``, e.g.
 an IKE patch): a prefix may be prepended, whose tokens are never scored and never returned by generation.
@@ -20,10 +27,24 @@ from dataclasses import dataclass, field
 import torch
 
 from lmedit.core.context import with_context
-from lmedit.core.forward import HEAD_CHUNK, score_logits, target_logprobs
+from lmedit.core.forward import HEAD_CHUNK, head_scores, pack, packed_hidden, score_logits
 from lmedit.models import tokens
 
-__all__ = ["HEAD_CHUNK", "PairScore", "generate_ids", "greedy_generate", "score_logits", "score_pairs"]
+__all__ = [
+    "HEAD_CHUNK",
+    "MIN_SHARED",
+    "PACK_TOKENS",
+    "PairScore",
+    "generate_ids",
+    "greedy_generate",
+    "score_logits",
+    "score_pairs",
+]
+
+#: Pairs share a prefix only when it is at least this many tokens.
+MIN_SHARED = 2
+#: Tokens per packed row (a wider unit, e.g. one with a long in-context prefix, gets a row this wide).
+PACK_TOKENS = 128
 
 
 @dataclass
@@ -56,33 +77,104 @@ def _order(prompts: Sequence[str], targets: Sequence[str] | None = None) -> list
     return sorted(range(len(prompts)), key=lambda i: -lengths[i])
 
 
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prefix_groups(
+    inputs: Sequence[Sequence[int]], limits: Sequence[int], min_shared: int = MIN_SHARED
+) -> list[tuple[int, list[int]]]:
+    """Groups of inputs that share a prefix: ``[(prefix_len, [indices])]``, every index in one group.
+
+    Inputs are sorted lexicographically and neighbours joined greedily while the group's shared prefix (at
+    most ``limits[i]`` tokens of input i) stays >= ``min_shared`` and the tokens saved do not shrink.
+    Ungrouped inputs come back as singletons with prefix length 0.
+    """
+    order = sorted(range(len(inputs)), key=lambda i: list(inputs[i]))
+    groups: list[tuple[int, list[int]]] = []
+    cur: list[int] = []
+    shared = 0
+    for i in order:
+        if cur:
+            new = min(shared, _lcp(inputs[cur[-1]], inputs[i]), limits[i])
+            if new >= min_shared and len(cur) * new >= (len(cur) - 1) * shared:
+                cur.append(i)
+                shared = new
+                continue
+            groups.append((shared if len(cur) > 1 else 0, cur))
+        cur, shared = [i], limits[i]
+    if cur:
+        groups.append((shared if len(cur) > 1 else 0, cur))
+    return groups
+
+
 @torch.no_grad()
 def score_pairs(
-    loaded, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32
+    loaded, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, share_prefixes: bool = True
 ) -> list[PairScore]:
-    """Teacher-forced scores for many pairs, ``batch_size`` pairs per forward pass (results in input order)."""
+    """Teacher-forced scores for many pairs, at most ``batch_size`` pairs per forward pass (input order kept).
+
+    ``share_prefixes=False`` runs every pair in full (the same scores up to float rounding).
+    """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     model, tok = loaded
-    arch, device = loaded.arch, loaded.device
+    arch = loaded.arch
     prompts = with_context(model, prompts)
-    order = _order(prompts, targets)
-    out: list[PairScore | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = tokens.pair_batch(tok, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
-        lp, am = target_logprobs(model, arch, batch)  # [b, pos] each
-        mask = batch.target_mask  # [b, pos]
-        lp_all = lp[mask].cpu().tolist()
-        am_all = am[mask].cpu().tolist()
-        tg_all = batch.target_ids[mask].cpu().tolist()
-        counts = mask.sum(1).cpu().tolist()
-        pos = 0
-        for i, n in zip(idx, counts):
-            am, tg = am_all[pos : pos + n], tg_all[pos : pos + n]
-            out[i] = PairScore(lp_all[pos : pos + n], [a == t for a, t in zip(am, tg)], am, tg)
-            pos += n
-    return out  # type: ignore[return-value]
+    encs = [tokens.encode_pair(tok, p, t) for p, t in zip(prompts, targets)]
+    inputs = [e.ids[:-1] for e in encs]  # a pair's last token is only predicted
+    lps: list[list[float]] = [[] for _ in encs]
+    ams: list[list[int]] = [[] for _ in encs]
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (states, target ids, owning pair)
+
+    def flush() -> None:
+        if not pending:
+            return
+        lp, am = head_scores(
+            model, arch, torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        )
+        owners = [i for p in pending for i in p[2]]
+        for i, lp_i, am_i in zip(owners, lp.cpu().tolist(), am.cpu().tolist()):
+            lps[i].append(lp_i)
+            ams[i].append(am_i)
+        pending.clear()
+
+    # the prefix may not reach a position that predicts a target, and leaves every pair >= 1 token to run
+    limits = [max(0, min(e.prompt_len - 1, len(e.ids) - 2)) for e in encs]
+    groups = prefix_groups(inputs, limits) if share_prefixes else [(0, [i]) for i in range(len(encs))]
+    units = [(inputs[g[0]][:n], [inputs[i][n:] for i in g]) if n else (inputs[g[0]], []) for n, g in groups]
+    capacity = max(PACK_TOKENS, max(len(p) + sum(map(len, sfx)) for p, sfx in units))
+    packing = pack(units, capacity, batch_size, tokens.pad_id(tok))
+    for rows in packing.chunks:
+        hidden = packed_hidden(model, arch, packing, rows)  # [len(rows), width, d_model]
+        at_row, at_col, ids, owner = [], [], [], []
+        for j, r in enumerate(rows):
+            for u in packing.rows[r]:
+                g = groups[u][1]
+                for k, i in enumerate(g):
+                    e = encs[i]
+                    for pos in range(e.prompt_len - 1, len(e.ids) - 1):  # positions predicting the target
+                        at_row.append(j)
+                        at_col.append(packing.column(u, k, pos))
+                    owner += [i] * e.target_len
+                    ids += e.ids[e.prompt_len :]
+        if owner:
+            dev = hidden.device
+            states = hidden[torch.tensor(at_row, device=dev), torch.tensor(at_col, device=dev)]
+            pending.append((states, torch.tensor(ids, device=dev), owner))
+            if sum(p[0].shape[0] for p in pending) >= HEAD_CHUNK:
+                flush()
+    flush()
+    out = []
+    for e, lp_i, am_i in zip(encs, lps, ams):
+        tg = e.ids[e.prompt_len :]
+        out.append(PairScore(lp_i, [a == t for a, t in zip(am_i, tg)], am_i, tg))
+    return out
 
 
 @torch.no_grad()

@@ -239,9 +239,19 @@ def as_out_in(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight if layout == "out_in" else weight.T
 
 
-def final_logits(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from final-norm outputs ``hidden`` [..., d_model], including any final logit soft-capping."""
-    logits = get_submodule(model, spec.lm_head)(hidden)
+def final_logits(
+    model: nn.Module, spec: ArchSpec, hidden: torch.Tensor, vocab: slice | None = None
+) -> torch.Tensor:
+    """Logits from final-norm outputs ``hidden`` [..., d_model], including any final logit soft-capping.
+
+    ``vocab`` (a slice of token ids) computes only those logits; it needs a linear LM head.
+    """
+    head = get_submodule(model, spec.lm_head)
+    if vocab is None:
+        logits = head(hidden)
+    else:
+        bias = None if head.bias is None else head.bias[vocab]
+        logits = torch.nn.functional.linear(hidden, head.weight[vocab], bias)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
