@@ -99,6 +99,18 @@ def _p(loaded, prompts: list[str], targets: list[str]) -> list[float]:
     return [math.exp(sum(s.logprobs)) for s in score_pairs(loaded, prompts, targets)]
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> config overrides (VALUE parsed as JSON when it parses)."""
+    out = {}
+    for item in pairs:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_kn(args: argparse.Namespace) -> None:
     import lmedit
     from lmedit.locate.causal_trace import case_fields
@@ -127,6 +139,7 @@ def cmd_kn(args: argparse.Namespace) -> None:
             continue
         pre_new = _p(loaded, [text], [req.target_new])[0]
         pre_neigh = _p(loaded, neigh, [req.target_true] * len(neigh))
+        pre_neigh_new = _p(loaded, neigh, [req.target_new] * len(neigh))
         row = {
             "prompt": text,
             "true": req.target_true,
@@ -138,17 +151,22 @@ def cmd_kn(args: argparse.Namespace) -> None:
             methods = ["kn"] if mode != "rome" else ["rome"]
             if methods[0] not in list_methods():
                 continue
-            cfg = {"mode": mode, "steps": args.steps} if mode != "rome" else {}
+            cfg = {"mode": mode, "steps": args.steps, **_overrides(args.set)} if mode != "rome" else {}
             t1 = time.perf_counter()
             patch = lmedit.edit(loaded, req, method=methods[0], **cfg)
             with patch.applied(loaded.model):
                 post_true = _p(loaded, [text], [req.target_true])[0]
                 post_new = _p(loaded, [text], [req.target_new])[0]
                 post_neigh = _p(loaded, neigh, [req.target_true] * len(neigh))
+                post_neigh_new = _p(loaded, neigh, [req.target_new] * len(neigh))
             row[mode] = {
                 "post_true": post_true,
                 "post_new": post_new,
                 "neigh_abs_change": sum(abs(a - b) for a, b in zip(pre_neigh, post_neigh))
+                / max(len(neigh), 1),
+                # ROME's neighbourhood score: share of neighbours where P(true) > P(new), before and after
+                "neigh_score_pre": sum(a > b for a, b in zip(pre_neigh, pre_neigh_new)) / max(len(neigh), 1),
+                "neigh_score_post": sum(a > b for a, b in zip(post_neigh, post_neigh_new))
                 / max(len(neigh), 1),
                 "neurons": patch.info.get("requests", [{}])[0].get("neurons"),
                 "seconds": time.perf_counter() - t1,
@@ -177,8 +195,10 @@ def cmd_kn(args: argparse.Namespace) -> None:
             "mean_post_new": sum(g["post_new"] for g in got) / len(got),
             "mean_neigh_abs_change": sum(g["neigh_abs_change"] for g in got) / len(got),
             "frac_neigh_within_0.1": sum(g["neigh_abs_change"] <= 0.1 for g in got) / len(got),
+            "neighborhood_score_pre": sum(g["neigh_score_pre"] for g in got) / len(got),
+            "neighborhood_score_post": sum(g["neigh_score_post"] for g in got) / len(got),
         }
-    out = IMG / f"trace-kn-{args.model}.json"
+    out = Path(args.out) if args.out else IMG / f"trace-kn-{args.model}.json"
     out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     print(json.dumps(summary, indent=1))
 
@@ -199,6 +219,8 @@ def main() -> None:
         "--modes", nargs="*", default=["erase", "edit"], help="KN modes (and 'rome' if registered)"
     )
     ap.add_argument("--rephrases", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="KN config override KEY=VALUE (JSON value)")
+    ap.add_argument("--out", help="kn: results JSON (default docs/img/trace-kn-MODEL.json)")
     ap.add_argument("--neighbours", type=int, default=5)
     ap.add_argument("--min-p-true", type=float, default=0.0, help="KN: skip facts with P(true) below this")
     args = ap.parse_args()

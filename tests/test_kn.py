@@ -158,3 +158,28 @@ def test_prefix_cache_gives_the_same_attributions(tok, arch):
     b = integrated_gradients(loaded, REQ["prompt"], answer, [0, 2], steps=3, prefix_cache=True)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
     assert active_hook_count(loaded.model) == 0
+
+
+def test_negative_prompts_remove_generic_neurons():
+    """Neurons over the threshold on a negative prompt (the template with another subject) are dropped."""
+    from lmedit.methods.kn import KNConfig, select_neurons
+
+    cfg = KNConfig(threshold=0.2, agreement=1.0, max_neurons=10, min_neurons=1)
+    pos = [torch.tensor([[1.0, 0.9, 0.5, 0.0]]), torch.tensor([[0.8, 1.0, 0.6, 0.1]])]  # 1 layer x 4 neurons
+    assert [n for _, n, _ in select_neurons(pos, [3], cfg)] == [1, 0, 2]  # by mean attribution
+    neg = [torch.tensor([[0.05, 1.0, 0.1, 0.0]])]  # neuron 1 fires for the answer whatever the subject
+    got = select_neurons(pos, [3], cfg, neg)
+    assert [(la, n) for la, n, _ in got] == [(3, 0), (3, 2)]
+    # when every agreed neuron is generic, the fallback takes the best non-generic one
+    neg_all = [torch.tensor([[1.0, 1.0, 1.0, 0.0]])]
+    assert [n for _, n, _ in select_neurons(pos, [3], cfg, neg_all)] == [3]
+
+
+def test_negative_prompts_are_run_and_recorded(tok):
+    loaded = _tiny(tok, "llama")
+    patch = lmedit.edit(
+        loaded, REQ, method="kn", mode="erase", steps=4, negative_subjects=["Marie Curie", "Eiffel Tower"]
+    )
+    assert patch.info["requests"][0]["negative_prompts"] == 1  # its own subject is skipped
+    off = lmedit.edit(loaded, REQ, method="kn", mode="erase", steps=4, negative_subjects=[])
+    assert off.info["requests"][0]["negative_prompts"] == 0

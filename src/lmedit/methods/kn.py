@@ -6,7 +6,11 @@
    ``alpha_k = k/steps``, one layer's activations scaled at a time (the other layers run naturally). The
    ``steps`` scaled copies of every layer are batched into a few forward/backward passes.
 2. **Selection**: per prompt, neurons whose attribution exceeds ``threshold`` x that prompt's maximum; then
-   those selected for at least ``agreement`` of the prompts; at most ``max_neurons`` (by mean attribution).
+   those selected for at least ``agreement`` of the prompts; minus the neurons selected (same threshold) for
+   the same answer on *negative prompts* - the fact's template with other subjects (``negative_subjects``) -
+   which are answer- or relation-generic rather than about this subject (the "negative examples" refinement
+   of EleutherAI's knowledge-neurons library; without it, erasing "born in London" also erases London for
+   every other Londoner); at most ``max_neurons`` (by mean attribution).
 3. **Edit** of the selected neurons' value vectors (columns of ``mlp_out``'s [out, in] weight):
 
    * ``erase`` / ``suppress``: zero them (the same as zeroing the neurons' activations for every input);
@@ -37,9 +41,11 @@ import torch
 
 from lmedit.config import MethodConfig, hp
 from lmedit.core.delta import DenseDelta, get_parameter
+from lmedit.core.forward import cache_kwarg
 from lmedit.core.hooks import TraceDict
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
+from lmedit.methods.wise import CONTRAST_SUBJECTS, contrast_prompts
 from lmedit.models import tokens
 from lmedit.models.arch import as_out_in, final_logits, get_submodule, weight_layout
 from lmedit.registry import register_method
@@ -62,6 +68,11 @@ class KNConfig(MethodConfig):
     max_neurons: int = hp(10, "At most this many neurons per request (largest mean attribution first).")
     min_neurons: int = hp(
         1, "If agreement leaves fewer, take this many by mean normalized attribution instead."
+    )
+    negative_subjects: list[str] = hp(
+        list(CONTRAST_SUBJECTS),
+        "Subjects put into the fact's template; neurons selected for the same answer on those prompts are "
+        "dropped as not specific to this subject ([] turns the refinement off).",
     )
     amplify_factor: float = hp(2.0, "amplify: value vectors are multiplied by this.")
     lambda_old: float = hp(1.0, "edit: weight of the old answer's direction removed.")
@@ -160,13 +171,6 @@ def integrated_gradients(
     return torch.stack([base[n] * grads[n] for n in names])  # [layers, d_ff]
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), whichever ``forward`` takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.enable_grad()
 def _scaled_answer_prob(
     loaded, ids: torch.Tensor, scaled: dict[str, torch.Tensor], answer_id: int, cache=None
@@ -199,7 +203,7 @@ def _scaled_answer_prob(
     if cache is not None:
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(n)
-        kwargs = {_cache_kwarg(model): cache, "use_cache": True}
+        kwargs = {cache_kwarg(model): cache, "use_cache": True}
         batch = ids[:, -1:].expand(n, -1)
     mask = torch.ones((n, ids.shape[1]), dtype=torch.long, device=ids.device)
     with TraceDict(model, group, retain_output=False, edit_input=edit_in):
@@ -210,17 +214,24 @@ def _scaled_answer_prob(
 
 
 def select_neurons(
-    attributions: list[torch.Tensor], layers: list[int], config: KNConfig
+    attributions: list[torch.Tensor],
+    layers: list[int],
+    config: KNConfig,
+    negatives: list[torch.Tensor] | None = None,
 ) -> list[tuple[int, int, float]]:
-    """(layer, neuron, mean normalized attribution) selected by threshold + prompt agreement."""
+    """(layer, neuron, mean normalized attribution) selected by threshold + prompt agreement, minus every
+    neuron over the threshold on any of the ``negatives`` (attributions on negative prompts)."""
     norm = [a / a.max().clamp_min(1e-12) for a in attributions]  # each [layers, d_ff], max 1
     votes = torch.stack([(a > config.threshold).float() for a in norm]).sum(0)  # [layers, d_ff]
     mean = torch.stack(norm).mean(0)
+    generic = torch.zeros_like(mean, dtype=torch.bool)
+    for a in negatives or []:
+        generic |= a / a.max().clamp_min(1e-12) > config.threshold
     need = math.ceil(config.agreement * len(norm) - 1e-9)
-    chosen = (votes >= need).nonzero().tolist()
+    chosen = ((votes >= need) & ~generic).nonzero().tolist()
     chosen.sort(key=lambda li: -float(mean[li[0], li[1]]))
     if len(chosen) < config.min_neurons:
-        flat = mean.flatten().topk(config.min_neurons).indices
+        flat = mean.masked_fill(generic, -torch.inf).flatten().topk(config.min_neurons).indices
         chosen = [[int(i) // mean.shape[1], int(i) % mean.shape[1]] for i in flat]
         log.info("agreement left too few neurons; taking the top %d by mean attribution", config.min_neurons)
     chosen = chosen[: config.max_neurons]
@@ -254,7 +265,13 @@ def edit_kn(loaded, requests: list[EditRequest], config: KNConfig) -> EditPatch:
             ).cpu()
             for p in prompts
         ]
-        chosen = select_neurons(attrs, layers, config)
+        negatives = [
+            integrated_gradients(
+                loaded, p, answer_id, layers, config.steps, config.batch_size, config.prefix_cache
+            )
+            for p in contrast_prompts(req, config.negative_subjects)
+        ]
+        chosen = select_neurons(attrs, layers, config, [a.cpu() for a in negatives])
         acts = last_activations(loaded, req.prompt_text, layers).cpu()  # [layers, d_ff]
         new_id = tokens.encode_pair(tok, req.prompt_text, req.target_new)
         new_id = new_id.ids[new_id.prompt_len]
@@ -284,6 +301,7 @@ def edit_kn(loaded, requests: list[EditRequest], config: KNConfig) -> EditPatch:
             {
                 "answer": tok.decode([answer_id]),
                 "prompts": len(prompts),
+                "negative_prompts": len(negatives),
                 "neurons": [[la, ni, round(s, 4)] for la, ni, s in chosen],
             }
         )
