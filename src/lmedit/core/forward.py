@@ -4,12 +4,11 @@ The bundled Gemma 3 has a 262k-token vocabulary, so full logits for every positi
 the model. ``target_logprobs`` stops the forward pass at the final norm and projects only the positions that
 predict target tokens.
 
-Shared prefixes. Rows that begin with the same tokens (the context templates of a value optimisation, the
-prompts of one fact scored with several answers, an in-context prefix) need those tokens computed once:
-``prefix_layout`` lays out G left-padded prefixes and R right-padded suffixes (row r continues prefix
-``owner[r]``), ``run_prefix`` fills a key/value cache with the prefixes, and ``run_suffix`` runs the suffixes
-on top of a copy of it (the cache is never modified, so it can be reused). Positions are explicit, so a row's
-suffix continues its own prefix's positions whatever the padding.
+Prefix caches. A value optimisation runs the same prompts at every step but changes them only from the
+subject's last token on: ``prefix_layout`` lays out left-padded prefixes and right-padded suffixes (row r continues
+prefix r), ``run_prefix`` fills a key/value cache with the prefixes once, and
+``run_suffix`` runs the suffixes on top of a copy of it (the cache is never modified, so every step reuses
+it). Positions are explicit, so a row's suffix continues its own prefix's positions whatever the padding.
 
 Packing. Scoring many short sequences wastes compute on padding and pays the fixed cost of a forward pass
 (reading every weight) once per small batch. ``pack`` puts several *units* into one row instead - a unit is
@@ -81,13 +80,12 @@ def cache_kwarg(model: nn.Module) -> str:
 
 @dataclass
 class PrefixLayout:
-    """G left-padded prefixes and R right-padded suffixes; row r continues prefix ``owner[r]``.
+    """Left-padded prefixes and right-padded suffixes; row r's suffix continues prefix r.
 
     Attributes:
-        pre_ids, pre_pos, pre_mask: [G, P] prefix ids, positions, attention mask (0 on left padding).
-        suf_ids, suf_pos: [R, S] suffix ids and positions (each row's continue its prefix's).
-        mask: [R, P + S] attention mask of a suffix row over its prefix and itself.
-        owner: [R] prefix index of each row, or None when row r continues prefix r.
+        pre_ids, pre_pos, pre_mask: [rows, P] prefix ids, positions, attention mask (0 on left padding).
+        suf_ids, suf_pos: [rows, S] suffix ids and positions (continuing the prefix's).
+        mask: [rows, P + S] attention mask of a suffix row over its prefix and itself.
     """
 
     pre_ids: torch.Tensor
@@ -96,47 +94,36 @@ class PrefixLayout:
     suf_ids: torch.Tensor
     suf_pos: torch.Tensor
     mask: torch.Tensor
-    owner: torch.Tensor | None
 
     def to(self, device) -> PrefixLayout:
         return PrefixLayout(
-            *(t.to(device) for t in (self.pre_ids, self.pre_pos, self.pre_mask, self.suf_ids, self.suf_pos)),
-            self.mask.to(device),
-            None if self.owner is None else self.owner.to(device),
+            *(
+                t.to(device)
+                for t in (self.pre_ids, self.pre_pos, self.pre_mask, self.suf_ids, self.suf_pos, self.mask)
+            )
         )
 
 
 def prefix_layout(
-    prefixes: Sequence[Sequence[int]],
-    suffixes: Sequence[Sequence[int]],
-    pad: int,
-    owner: Sequence[int] | None = None,
+    prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]], pad: int
 ) -> PrefixLayout:
-    """Lay out prefixes (left-padded) and suffixes (right-padded); ``owner`` defaults to row r -> prefix r."""
-    g_n, r_n = len(prefixes), len(suffixes)
-    own = list(range(r_n)) if owner is None else list(owner)
+    """Lay out prefixes (left-padded) and their suffixes (right-padded), one row per pair."""
+    n = len(prefixes)
     P = max((len(p) for p in prefixes), default=0)
     S = max(len(s) for s in suffixes)
-    pre_ids = torch.full((g_n, P), pad, dtype=torch.long)
-    pre_pos = torch.zeros((g_n, P), dtype=torch.long)
-    pre_mask = torch.zeros((g_n, P), dtype=torch.long)
-    for g, p in enumerate(prefixes):
+    pre_ids = torch.full((n, P), pad, dtype=torch.long)
+    pre_pos = torch.zeros((n, P), dtype=torch.long)
+    suf_ids = torch.full((n, S), pad, dtype=torch.long)
+    suf_pos = torch.zeros((n, S), dtype=torch.long)
+    mask = torch.zeros((n, P + S), dtype=torch.long)
+    for r, (p, s) in enumerate(zip(prefixes, suffixes)):
         if p:
-            pre_ids[g, P - len(p) :] = torch.tensor(list(p))
-            pre_pos[g, P - len(p) :] = torch.arange(len(p))
-            pre_mask[g, P - len(p) :] = 1
-    suf_ids = torch.full((r_n, S), pad, dtype=torch.long)
-    suf_pos = torch.zeros((r_n, S), dtype=torch.long)
-    mask = torch.zeros((r_n, P + S), dtype=torch.long)
-    for r, s in enumerate(suffixes):
-        start = len(prefixes[own[r]])
+            pre_ids[r, P - len(p) :] = torch.tensor(list(p))
+            pre_pos[r, P - len(p) :] = torch.arange(len(p))
         suf_ids[r, : len(s)] = torch.tensor(list(s))
-        suf_pos[r] = torch.arange(start, start + S)
-        mask[r, :P] = pre_mask[own[r]]
-        mask[r, P : P + len(s)] = 1
-    return PrefixLayout(
-        pre_ids, pre_pos, pre_mask, suf_ids, suf_pos, mask, None if owner is None else torch.tensor(own)
-    )
+        suf_pos[r] = torch.arange(len(p), len(p) + S)
+        mask[r, P - len(p) : P + len(s)] = 1
+    return PrefixLayout(pre_ids, pre_pos, mask[:, :P], suf_ids, suf_pos, mask)
 
 
 @torch.no_grad()
@@ -172,10 +159,7 @@ def run_suffix(
     """Final-norm output [R, S, d_model] of the suffixes on top of a copy of ``cache`` (``run_prefix``'s)."""
     kwargs: dict = {"use_cache": False}
     if cache is not None:
-        kv = copy.deepcopy(cache)
-        if layout.owner is not None:
-            kv.batch_select_indices(layout.owner)
-        kwargs = {"use_cache": True, cache_kwarg(model): kv}
+        kwargs = {"use_cache": True, cache_kwarg(model): copy.deepcopy(cache)}
     with Trace(model, arch.ln_f, stop=True) as fin:
         call(
             model,
