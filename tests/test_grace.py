@@ -8,9 +8,9 @@ import torch
 import lmedit
 from lmedit.core.adapters import GraceCodebook, codebook_forward
 from lmedit.core.patch import EditPatch
-from lmedit.errors import PatchError
+from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.grace import Codebook, update_codebook
-from tiny_models import same, state, tiny_loaded
+from tiny_models import reload_scores, same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -129,14 +129,9 @@ def test_lifelong_edits_extend_the_codebook_and_undo_restores_it(loaded, patch, 
     assert same(loaded.model, snap)
 
 
-def test_saved_grace_patch_reproduces_outputs_in_fresh_model(loaded, patch, tmp_path, smol_tok):
-    reloaded = EditPatch.load(patch.save(tmp_path / "g"))
-    prompts = [REQ["prompt"], *UNRELATED]
-    with patch.applied(loaded):
-        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * 3)]
-    fresh = tiny_loaded("llama", smol_tok)
-    with reloaded.applied(fresh):
-        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * 3)] == want
+def test_saved_grace_patch_reproduces_outputs_in_fresh_model(loaded, patch, tmp_path):
+    want, got = reload_scores(patch, loaded, tmp_path / "g", [REQ["prompt"], *UNRELATED])
+    assert got == want
 
 
 def test_gpt2_conv1d_module(smol_tok):
@@ -146,3 +141,14 @@ def test_gpt2_conv1d_module(smol_tok):
     with p.applied(gpt2):
         after = lp(gpt2, [REQ["prompt"]], [REQ["target_new"]])[0]
     assert after > before + 1, (before, after)
+
+
+def test_refuses_to_extend_a_codebook_under_another_adapter(loaded, patch):
+    """A GRACE codebook wrapped by another adapter (here WISE at the same module) cannot be extended."""
+    layer = int(patch.adapters[0].module.split(".")[2])  # model.layers.N.mlp.down_proj
+    wise = lmedit.edit(loaded, REQ2, method="wise", layer=layer, steps=2, irrelevant_prompts=UNRELATED)
+    snap = state(loaded.model)
+    with patch.applied(loaded), wise.applied(loaded):
+        with pytest.raises(ConfigError, match="GRACE adapter under another adapter"):
+            lmedit.edit(loaded, REQ2, method="grace", **FAST)
+    assert same(loaded.model, snap)

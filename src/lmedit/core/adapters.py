@@ -432,6 +432,34 @@ def installed_adapter(model: nn.Module, name: str, kind: str) -> AdapterWrapper 
     return None
 
 
+@dataclass
+class AdapterSite:
+    """Where a chaining adapter method (GRACE, WISE, T-Patcher) writes: canonical ``name``, its current module
+    ``path``, the ``current`` module there, the installed adapter of the method's kind it extends
+    (``previous``, or None) and the ``base`` layer under it."""
+
+    name: str
+    path: str
+    current: nn.Module
+    previous: AdapterWrapper | None
+    base: nn.Module
+
+
+def adapter_site(model: nn.Module, name: str, kind: str, label: str) -> AdapterSite:
+    """The ``AdapterSite`` of module ``name`` for adapters of ``kind``; ConfigError when an adapter of that kind
+    sits under another adapter (``label`` names the method in the message)."""
+    from lmedit.errors import ConfigError
+
+    path = resolve_name(model, name)
+    current = model.get_submodule(path)
+    previous = installed_adapter(model, name, kind)
+    if previous is not None and previous is not current:
+        raise ConfigError(f"{name} holds a {label} adapter under another adapter; remove the outer one first")
+    return AdapterSite(
+        name, path, current, previous, previous.base_layer if previous is not None else current
+    )
+
+
 class AppliedAdapters:
     """Handle returned by ``install_adapters``; ``revert()`` puts the previous module objects back."""
 

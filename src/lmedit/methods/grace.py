@@ -41,9 +41,8 @@ from lmedit.config import MethodConfig, hp
 from lmedit.core.adapters import (
     AdapterSpec,
     GraceCodebook,
+    adapter_site,
     codebook_forward,
-    installed_adapter,
-    resolve_name,
     unwrap,
 )
 from lmedit.core.forward import target_logprobs
@@ -51,7 +50,6 @@ from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
 from lmedit.models import tokens
-from lmedit.models.arch import get_submodule
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -164,13 +162,8 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
     layer = config.layer if config.layer is not None else (3 * n_layers) // 4
     if not 0 <= layer < n_layers:
         raise ConfigError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
-    name = loaded.arch.module_name(config.module, layer)
-    path = resolve_name(model, name)
-    current = get_submodule(model, path)
-    previous = installed_adapter(model, name, "grace")
-    if previous is not None and previous is not current:
-        raise ConfigError(f"{name} holds a GRACE adapter under another adapter; remove the outer one first")
-    base_mod = previous.base_layer if previous is not None else current
+    site = adapter_site(model, loaded.arch.module_name(config.module, layer), "grace", "GRACE")
+    name, path, current, previous, base_mod = site.name, site.path, site.current, site.previous, site.base
     t0 = time.perf_counter()
     log_entries: list[dict] = []
     book: Codebook | None = Codebook.from_adapter(previous) if previous is not None else None

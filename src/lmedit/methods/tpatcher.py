@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from lmedit.config import MethodConfig, hp
-from lmedit.core.adapters import AdapterSpec, installed_adapter, patch_neurons_forward, resolve_name, unwrap
+from lmedit.core.adapters import AdapterSpec, adapter_site, patch_neurons_forward, unwrap
 from lmedit.core.forward import target_logprobs
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
@@ -57,7 +57,6 @@ from lmedit.methods.wise import (
     module_inputs,
 )
 from lmedit.models import tokens
-from lmedit.models.arch import get_submodule
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -156,14 +155,8 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
     layer = config.layer if config.layer is not None else n_layers - 1
     if not 0 <= layer < n_layers:
         raise ConfigError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
-    name = _mlp_name(loaded, layer)
-    path = resolve_name(model, name)
-    current = get_submodule(model, path)
-    previous = installed_adapter(model, name, "tpatcher")
-    if previous is not None and previous is not current:
-        raise ConfigError(
-            f"{name} holds a T-Patcher adapter under another adapter; remove the outer one first"
-        )
+    site = adapter_site(model, _mlp_name(loaded, layer), "tpatcher", "T-Patcher")
+    name, path, previous = site.name, site.path, site.previous
     t0 = time.perf_counter()
 
     earlier = list(previous.spec.config["prompts"]) if previous is not None else []
@@ -196,7 +189,7 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
         tensors={"keys": keys, "biases": biases, "values": values},
         parent=previous.spec_fingerprint if previous is not None else None,
     )
-    base_mod = previous.base_layer if previous is not None else current
+    base_mod = site.base
     params = [
         ".".join([name, *(p for p in n.split(".") if p != "base_layer")])
         for n, _ in unwrap(base_mod).named_parameters()

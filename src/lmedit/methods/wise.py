@@ -52,13 +52,12 @@ from typing import Literal
 import torch
 
 from lmedit.config import MethodConfig, hp
-from lmedit.core.adapters import AdapterSpec, installed_adapter, resolve_name, unwrap, wise_side_delta
+from lmedit.core.adapters import AdapterSpec, adapter_site, unwrap, wise_side_delta
 from lmedit.core.forward import target_logprobs
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
 from lmedit.models import tokens
-from lmedit.models.arch import get_submodule
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -279,13 +278,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     layer = config.layer if config.layer is not None else (2 * n_layers) // 3
     if not 0 <= layer < n_layers:
         raise ConfigError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
-    name = loaded.arch.module_name("mlp_out", layer)
-    path = resolve_name(model, name)
-    current = get_submodule(model, path)
-    previous = installed_adapter(model, name, "wise")
-    if previous is not None and previous is not current:
-        raise ConfigError(f"{name} holds a WISE adapter under another adapter; remove the outer one first")
-    base_mod = previous.base_layer if previous is not None else current
+    site = adapter_site(model, loaded.arch.module_name("mlp_out", layer), "wise", "WISE")
+    name, path, previous, base_mod = site.name, site.path, site.previous, site.base
     t0 = time.perf_counter()
 
     irr = list(config.irrelevant_prompts)
