@@ -8,11 +8,10 @@ import torch
 
 import lmedit
 from lmedit.core.adapters import TPatcherNeurons, patch_neurons_forward
-from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.tpatcher import TPatcherConfig, hinge, neuron_losses
 from lmedit.methods.wise import UNRELATED_PROMPTS, module_inputs
-from tiny_models import same, state, tiny_loaded
+from tiny_models import reload_scores, same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -106,14 +105,9 @@ def test_edit_adds_one_neuron_in_the_last_mlp_silent_on_the_memory(loaded, patch
     assert same(loaded.model, snap)
 
 
-def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path, smol_tok):
-    reloaded = EditPatch.load(patch.save(tmp_path / "t"))
-    prompts = [REQ["prompt"], REQ2["prompt"], *MEMORY]
-    with patch.applied(loaded):
-        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * len(prompts))]
-    fresh = tiny_loaded("llama", smol_tok)
-    with reloaded.applied(fresh):
-        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * len(prompts))] == want
+def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path):
+    want, got = reload_scores(patch, loaded, tmp_path / "t", [REQ["prompt"], REQ2["prompt"], *MEMORY])
+    assert got == want
 
 
 def test_sequential_edits_add_neurons_and_undo_restores(loaded, patch):

@@ -19,7 +19,7 @@ from lmedit.methods.wise import (
     ties_merge,
 )
 from lmedit.request import EditRequest
-from tiny_models import same, state, tiny_loaded
+from tiny_models import reload_scores, same, state, tiny_loaded
 
 REQ = {
     "prompt": "The Eiffel Tower is located in the city of",
@@ -160,15 +160,10 @@ def test_edit_leaves_model_identical_raises_target_and_routes(loaded, patch):
     assert same(loaded.model, snap)
 
 
-def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path, smol_tok):
-    reloaded = EditPatch.load(patch.save(tmp_path / "w"))
-    assert reloaded.adapters[0].config == patch.adapters[0].config
-    prompts = [REQ["prompt"], REQ2["prompt"], *IRRELEVANT]
-    with patch.applied(loaded):
-        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [" Rome"] * len(prompts))]
-    fresh = tiny_loaded("llama", smol_tok)
-    with reloaded.applied(fresh):
-        assert [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [" Rome"] * len(prompts))] == want
+def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path):
+    assert EditPatch.load(patch.save(tmp_path / "w0")).adapters[0].config == patch.adapters[0].config
+    want, got = reload_scores(patch, loaded, tmp_path / "w", [REQ["prompt"], REQ2["prompt"], *IRRELEVANT])
+    assert got == want
 
 
 def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded, patch):

@@ -85,3 +85,18 @@ def same(model, snapshot):
     """True when ``model`` holds exactly the tensors of ``snapshot`` (same names, bit for bit)."""
     sd = model.state_dict()
     return sd.keys() == snapshot.keys() and all(torch.equal(snapshot[k], v) for k, v in sd.items())
+
+
+def reload_scores(patch, loaded: LoadedModel, path, prompts: list[str], target: str = " Rome"):
+    """Per-token log-probs of ``target`` after ``prompts`` under ``patch`` applied to ``loaded``, and under the
+    patch saved to ``path`` and loaded onto a fresh tiny llama with the same seed: ``(want, got)``."""
+    import lmedit
+    from lmedit.core.patch import EditPatch
+
+    reloaded = EditPatch.load(patch.save(path))
+    with patch.applied(loaded):
+        want = [s.logprobs for s in lmedit.score_pairs(loaded, prompts, [target] * len(prompts))]
+    fresh = tiny_loaded("llama", loaded.tokenizer)
+    with reloaded.applied(fresh):
+        got = [s.logprobs for s in lmedit.score_pairs(fresh, prompts, [target] * len(prompts))]
+    return want, got
