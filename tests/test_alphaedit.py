@@ -110,3 +110,29 @@ def test_empty_null_space_is_an_error(smol_tok, stats_env):
         lmedit.edit(
             loaded, REQS[0], method="alphaedit", nullspace_threshold=1e-9, v_steps=2, layers=[1], **stats_env
         )
+
+
+def test_sequential_protocol_carries_the_state(loaded, stats_env):
+    """The sequential protocol hands each step's patch to the next AlphaEdit edit as ``previous``."""
+    from lmedit.data.loaders import EvalCase, EvalProbe
+    from lmedit.evaluate.protocols import ScoringSettings, evaluate
+    from lmedit.request import as_requests
+
+    cases = [
+        EvalCase(i, as_requests(r), [EvalProbe(r["prompt"], r["target_new"])], [], [], [])
+        for i, r in enumerate(REQS + MORE)
+    ]
+    report = evaluate(
+        loaded,
+        cases,
+        "alphaedit",
+        "sequential",
+        k=1,
+        config=FAST | stats_env,
+        settings=ScoringSettings(families=("tf",)),
+        progress=False,
+    )
+    steps = report.meta["edits"]
+    assert [s["info"]["sequential_edits_before"] for s in steps] == [0, 1, 2]
+    assert [s["patch_bytes"] > 0 for s in steps] == [True] * 3
+    assert steps[-1]["stored_bytes"] == sum(s["patch_bytes"] for s in steps)

@@ -117,7 +117,7 @@ def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
         dataset=str(dataset_file),
         protocol="sequential",
         k=1,
-        eval_each_step=True,
+        eval_every=1,
         overrides=FAST,
         settings=ScoringSettings(families=("tf", "prob")),
         out=str(out),
@@ -125,6 +125,11 @@ def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
         progress=False,
     )
     assert [p["edits"] for p in report.retention] == [1, 2, 3, 4]
+    steps = report.meta["edits"]
+    assert all(s["seconds"] > 0 and s["patch_bytes"] > 0 and s["peak_rss_mb"] > 0 for s in steps)
+    assert [s["stored_bytes"] for s in steps] == [
+        sum(x["patch_bytes"] for x in steps[: i + 1]) for i in range(4)
+    ]
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads(out.read_text())
     assert data["schema"] == SCHEMA and set(data) >= {"pre", "post", "cases", "meta", "retention"}
@@ -143,6 +148,21 @@ def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
     }
     assert meta["config"]["seed"] == 0 and meta["dataset"]["format"] == "counterfact"
     assert Report.load(out).post == report.post
+
+
+def test_sequential_checkpoints_every_m_steps(tiny, dataset_file):
+    report = evaluate(
+        tiny,
+        load_dataset(str(dataset_file)),
+        "ft-m",
+        "sequential",
+        eval_every=3,
+        config=FAST,
+        settings=ScoringSettings(families=("tf",)),
+        progress=False,
+    )
+    assert [p["edits"] for p in report.retention] == [3, 4]  # after step 3 and after the last
+    assert report.meta["protocol"]["eval"] == "every_3_steps+end"
 
 
 def test_cli_compare(tiny, dataset_file, tmp_path, capsys):

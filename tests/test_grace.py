@@ -152,3 +152,32 @@ def test_refuses_to_extend_a_codebook_under_another_adapter(loaded, patch):
         with pytest.raises(ConfigError, match="GRACE adapter under another adapter"):
             lmedit.edit(loaded, REQ2, method="grace", **FAST)
     assert same(loaded.model, snap)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_cached_prefix_training_equals_full_forward(arch, smol_tok):
+    """Training a value on a cached prompt prefix gives the losses of full forward passes; a prompt token
+    inside the new entry's ball turns the cache off."""
+    from lmedit.core.hooks import Trace
+    from lmedit.methods.grace import GraceConfig, _train_value
+    from lmedit.models import tokens
+
+    loaded = tiny_loaded(arch, smol_tok)
+    path = loaded.arch.module_name("mlp_out", 1)
+    base = loaded.model.get_submodule(path)
+    enc = tokens.encode_pair(smol_tok, REQ["prompt"], REQ["target_new"])
+    pos = enc.prompt_len - 1
+    with torch.no_grad(), Trace(loaded.model, path, retain_input=True, stop=True) as tr:
+        loaded.model(input_ids=torch.tensor([enc.ids[: pos + 1]]), use_cache=False)
+    x, earlier = tr.input[0, pos], tr.input[0, :pos]
+    with torch.no_grad():
+        out0 = base(x[None, None])[0, 0]
+    runs = {}
+    for name, prompt_keys in (("cached", earlier), ("full", torch.cat([earlier[:-1], x[None]]))):
+        book = Codebook.empty(x.shape[-1], out0.shape[-1])
+        update_codebook(book, x, out0, "Rome", 1e-3)
+        config = GraceConfig(steps=4, lr=0.1, early_stop_loss=0.0)
+        runs[name] = _train_value(loaded, path, base, False, book, 0, enc, prompt_keys, config)
+    assert runs["cached"][1] is True and runs["full"][1] is False
+    assert runs["cached"][0] == pytest.approx(runs["full"][0], rel=1e-4, abs=1e-5)
+    assert runs["cached"][0][-1] < runs["cached"][0][0]

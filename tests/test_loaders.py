@@ -234,3 +234,17 @@ def test_bundled_dataset_loads():
     ds = load_dataset("bundled")
     assert ds.format == "counterfact" and len(ds) >= 200
     assert all(len(c.generalization) >= 2 and len(c.locality) >= 3 and c.portability for c in ds.cases)
+
+
+def test_concatenated_sources(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, who in ((a, "Anna"), (b, "Bert")):
+        recs = [{"prompt": f"{who} {i} was born in", "subject": f"{who} {i}", "target_new": "Rome", "case_id": i}
+                for i in range(3)]  # fmt: skip
+        path.write_text(json.dumps(recs))
+    ds = load_dataset(f"{a},{b}", n=4)
+    assert [c.case_id for c in ds.cases] == ["a:0", "a:1", "a:2", "b:0"]
+    assert ds.name == "a+b" and ds.describe()["records"] == 6 and ds.describe()["n"] == 4
+    assert [c.requests[0].subject for c in ds.cases][-1] == "Bert 0"
+    with pytest.raises(ValueError, match="twice"):
+        load_dataset(f"{a},{a}")

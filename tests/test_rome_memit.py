@@ -158,3 +158,26 @@ def test_rome_on_gemma_makes_rome_the_answer(gemma):
         after = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
     assert "Rome" not in before
     assert after.strip().startswith("Rome"), after
+
+
+def test_through_post_norm_reaches_the_target():
+    """Gemma's post-MLP RMSNorm: norm(o + d) equals a reachable target exactly and the direction of any other."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from lmedit.core.solvers import through_post_norm
+
+    torch.manual_seed(0)
+    norm = Gemma3RMSNorm(16, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    g = 1 + norm.weight.detach()
+    o = torch.randn(3, 16) * 4
+    v = torch.randn(3, 16)
+    reachable = g * v / v.pow(2).mean(-1, keepdim=True).sqrt()  # the norm's outputs are g * v with rms(v) = 1
+    with torch.no_grad():
+        d = through_post_norm(norm, o, reachable - norm(o))
+        assert torch.allclose(norm(o + d), reachable, atol=1e-5)
+        assert torch.allclose((o + d).norm(dim=-1), o.norm(dim=-1))  # the output's magnitude is kept
+        far = 3 * reachable  # off the reachable set: same direction after dividing by g
+        got = norm(o + through_post_norm(norm, o, far - norm(o)))
+        assert torch.allclose(got, reachable, atol=1e-5)

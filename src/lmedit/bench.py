@@ -28,7 +28,7 @@ def run_bench(
     sample: bool = False,
     protocol: str = "single",
     k: int = 1,
-    eval_each_step: bool = False,
+    eval_every: int = 0,
     seed: int = 0,
     overrides: dict | None = None,
     settings: ScoringSettings | None = None,
@@ -41,9 +41,10 @@ def run_bench(
     Args:
         model: spec for ``load_model`` (default: the bundled default model) or a LoadedModel.
         method: registered method name.
-        dataset: "bundled" or a path (any format ``load_dataset`` reads).
+        dataset: "bundled" or a path (any format ``load_dataset`` reads); several joined by commas are
+            concatenated.
         n: number of cases (first n in file order, or a seeded random subset with ``sample``).
-        protocol, k, eval_each_step: see ``lmedit.evaluate.protocols.evaluate``.
+        protocol, k, eval_every: see ``lmedit.evaluate.protocols.evaluate``.
         seed: seeds the subset and the method (``config.seed``, unless ``overrides`` sets it).
         overrides: method config overrides (strings are coerced, as for ``--set``).
         out: write the report JSON here; ``plot``: write the retention PNG here (sequential runs).
@@ -65,7 +66,7 @@ def run_bench(
         method=method,
         protocol=protocol,
         k=k,
-        eval_each_step=eval_each_step,
+        eval_every=eval_every,
         config=config,
         settings=settings,
         progress=progress,

@@ -194,7 +194,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = ScoringSettings(
         families=tuple(args.scoring.split(",")), text_tokens=args.text_tokens, batch_size=args.batch_size
     )
-    sequential_curve = args.protocol == "sequential" and args.eval_each_step
+    eval_every = 1 if args.eval_each_step else args.eval_every
+    sequential_curve = args.protocol == "sequential" and eval_every > 0
     report = run_bench(
         args.model,
         method=args.method,
@@ -203,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sample=args.sample,
         protocol=args.protocol,
         k=args.step,
-        eval_each_step=args.eval_each_step,
+        eval_every=eval_every,
         seed=args.seed,
         overrides=_overrides(args.set),
         settings=settings,
@@ -443,12 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="edit and evaluate a dataset under one protocol, save a report")
     model_arg(p)
     p.add_argument("--method", default="ft-m", help="editing method (default ft-m)")
-    p.add_argument("--dataset", default="bundled", help="'bundled' or a dataset file (default bundled)")
+    p.add_argument(
+        "--dataset", default="bundled", help="'bundled' or a dataset file; a,b concatenates (default bundled)"
+    )
     p.add_argument("--n", type=int, help="number of cases (the first n in file order; default all)")
     p.add_argument("--sample", action="store_true", help="take a seeded random subset of n cases instead")
     p.add_argument("--protocol", default="single", choices=["single", "batch", "sequential"])
     p.add_argument("--step", type=int, default=1, help="cases per edit (batch) or per step (sequential)")
     p.add_argument("--eval-each-step", action="store_true", help="sequential: evaluate after every step")
+    p.add_argument(
+        "--eval-every", type=int, default=0, metavar="M", help="sequential: evaluate after every M-th step"
+    )
     p.add_argument("--scoring", default="tf,prob,gen,text", help="scoring families (default all four)")
     p.add_argument("--text-tokens", type=int, default=40, help="tokens generated for fluency (default 40)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per teacher-forced forward pass")

@@ -207,6 +207,21 @@ class EditPatch:
             "created": self.created,
         }
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the patch carries, under the names ``save`` writes them with."""
+        out = {f"{i}.{key}": t for i, d in enumerate(self.deltas) for key, t in d.tensors().items()}
+        out.update({f"extra.{k}": t for k, t in self.extras.items()})
+        for i, a in enumerate(self.adapters):
+            out.update({f"adapter.{i}.{k}": t for k, t in a.tensors.items()})
+        if self.context is not None:
+            out.update({f"context.{k}": t for k, t in self.context.tensors.items()})
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the patch's tensors (what it stores; JSON metadata not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``patch.safetensors`` and ``patch.json`` into folder ``path`` atomically.
 
@@ -217,18 +232,7 @@ class EditPatch:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"{i}.{key}": t.detach().contiguous().cpu()
-            for i, d in enumerate(self.deltas)
-            for key, t in d.tensors().items()
-        }
-        tensors.update({f"extra.{k}": t.detach().contiguous().cpu() for k, t in self.extras.items()})
-        for i, a in enumerate(self.adapters):
-            tensors.update({f"adapter.{i}.{k}": t.detach().contiguous().cpu() for k, t in a.tensors.items()})
-        if self.context is not None:
-            tensors.update(
-                {f"context.{k}": t.detach().contiguous().cpu() for k, t in self.context.tensors.items()}
-            )
+        tensors = {k: t.detach().contiguous().cpu() for k, t in self.tensors().items()}
         meta = json.dumps(self.to_json(), indent=2, sort_keys=False)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         old = None

@@ -560,15 +560,19 @@ def load_dataset(
     seed: int = 0,
     format: str | None = None,
 ) -> Dataset:
-    """Load a dataset by bundled name or file path (JSON list or JSONL).
+    """Load a dataset by bundled name or file path (JSON list or JSONL), or several joined by commas.
 
     Args:
-        name_or_path: "bundled" (default) or a path.
+        name_or_path: "bundled" (default) or a path; "a,b" concatenates the sources in that order (each
+            case id becomes ``"<source name>:<id>"``, ``n`` and ``sample`` apply to the concatenation).
         n: keep the first ``n`` cases in file order (or ``n`` random ones with ``sample``).
         sample: take a seeded random subset instead of the first ``n`` (kept in file order).
         seed: seed of the random subset.
         format: force a format (see ``FORMATS``); detected from the first record otherwise.
     """
+    if "," in name_or_path:
+        ds = _concatenate([load_dataset(part.strip(), format=format) for part in name_or_path.split(",")])
+        return _select(ds, n, sample, seed)
     if name_or_path in BUNDLED:
         path = bundled_path(name_or_path)
         if not path.exists():
@@ -586,6 +590,31 @@ def load_dataset(
         name = path.stem
     ds = parse_records(_read_records(path), str(path), format)
     ds.name = name
+    return _select(ds, n, sample, seed)
+
+
+def _concatenate(parts: list[Dataset]) -> Dataset:
+    """One dataset of ``parts`` in order; case ids are prefixed with their source's name."""
+    if len({d.name for d in parts}) < len(parts):
+        raise ValueError(f"a dataset appears twice in {[d.path for d in parts]}; list each source once")
+    cases = []
+    for d in parts:
+        for c in d.cases:
+            c.case_id = f"{d.name}:{c.case_id}"
+            cases.append(c)
+    skipped = [(i, f"{d.name}: {why}") for d in parts for i, why in d.skipped]
+    return Dataset(
+        "+".join(d.name for d in parts),
+        ",".join(d.path for d in parts),
+        ",".join(dict.fromkeys(d.format for d in parts)),
+        cases,
+        sum(d.total for d in parts),
+        skipped,
+    )
+
+
+def _select(ds: Dataset, n: int | None, sample: bool, seed: int) -> Dataset:
+    """Keep the first ``n`` cases (or a seeded random ``n``, kept in order) and record the selection."""
     if n is not None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")

@@ -29,7 +29,7 @@ def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...
     if not report.retention:
         raise ValueError(
             "the report has no retention curve; run the sequential protocol evaluating after each step "
-            "(lmedit bench --protocol sequential --eval-each-step)"
+            "(lmedit bench --protocol sequential --eval-every M)"
         )
     import matplotlib
 

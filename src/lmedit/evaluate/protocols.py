@@ -2,7 +2,7 @@
 
     >>> ds = load_dataset("bundled", n=20)
     >>> report = evaluate(loaded, ds, method="ft-m", protocol="single")
-    >>> report = evaluate(loaded, ds, method="ft-m", protocol="sequential", k=5, eval_each_step=True)
+    >>> report = evaluate(loaded, ds, method="ft-m", protocol="sequential", k=5, eval_every=1)
     >>> print(report.table())
 
 * ``single``: every case is edited on the pristine model (``patch.applied``: the model is restored bit for bit
@@ -10,9 +10,11 @@
 * ``batch``: the requests of ``k`` consecutive cases are edited at once; each case is evaluated under the
   batch edit.
 * ``sequential``: ``k`` cases per step over T = ceil(N / k) steps, each edit computed on the already-edited
-  model; all cases are evaluated after the last step, and with ``eval_each_step`` after every step too (the
+  model; all cases are evaluated after the last step, and with ``eval_every=m`` after every m-th step too (the
   retention curve: teacher-forced and probability metrics of every case edited so far, and of the first
-  step's cases alone).
+  step's cases alone). A method with sequential state (a ``previous`` config field, e.g. AlphaEdit) gets the
+  previous step's patch as ``previous``. Each step records its edit time, the bytes its patch stores, the
+  bytes stored by all patches so far and the process's peak resident memory (``meta["edits"]``).
 
 The frozen pre-edit reference (locality) is always the pristine model, scored once, batched, before any edit.
 Scoring and metrics never import methods; only this module calls ``lmedit.edit``.
@@ -212,13 +214,34 @@ def _method_overrides(method: str, config: dict | None) -> dict:
     return out
 
 
+def _takes_previous(method: str) -> bool:
+    """Whether the method's config has a ``previous`` field (sequential state passed from patch to patch)."""
+    from dataclasses import fields
+
+    from lmedit.registry import get_method
+
+    return any(f.name == "previous" for f in fields(get_method(method).config_cls))
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB (None where ``resource`` is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # macOS reports bytes
+
+
 def evaluate(
     loaded,
     dataset: Dataset | Sequence[EvalCase],
     method: str = "ft-m",
     protocol: str = "single",
     k: int = 1,
-    eval_each_step: bool = False,
+    eval_every: int = 0,
     config: dict | None = None,
     settings: ScoringSettings | None = None,
     progress: bool = True,
@@ -231,7 +254,8 @@ def evaluate(
         method: a registered method name.
         protocol: "single", "batch" (k cases per edit) or "sequential" (k cases per step).
         k: cases per edit (batch) or per step (sequential).
-        eval_each_step: sequential only: evaluate every case edited so far after each step (retention curve).
+        eval_every: sequential only: evaluate every case edited so far after every ``eval_every``-th step (the
+            retention curve; 0: only after the last step).
         config: method config overrides (``seed`` included).
         settings: ScoringSettings.
         progress: show a tqdm bar with ETA.
@@ -245,6 +269,8 @@ def evaluate(
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {eval_every}")
     cases = list(dataset.cases if isinstance(dataset, Dataset) else dataset)
     if not cases:
         raise ValueError("no cases to evaluate")
@@ -269,14 +295,31 @@ def evaluate(
     retention: list[dict] = []
     bar = tqdm(total=len(cases), desc=f"{method} {protocol}", unit="case", disable=not progress)
     session = EditSession(loaded, check=False) if protocol == "sequential" else None
+    chained = session is not None and _takes_previous(method)
+    stored = 0
     try:
         start = 0
+        patch = None
         for gi, group in enumerate(groups):
             reqs = [r for c in group for r in c.requests]
+            extra = {"previous": patch} if chained and patch is not None else {}
             t1 = time.perf_counter()
-            patch = lmedit.edit(loaded, reqs, method=method, **overrides)
-            timings["edit_s"] += time.perf_counter() - t1
-            edit_info.append({"group": gi, "cases": len(group), "requests": len(reqs), "info": patch.info})
+            patch = lmedit.edit(loaded, reqs, method=method, **overrides, **extra)
+            seconds = time.perf_counter() - t1
+            timings["edit_s"] += seconds
+            stored = stored + patch.nbytes if session is not None else patch.nbytes
+            edit_info.append(
+                {
+                    "group": gi,
+                    "cases": len(group),
+                    "requests": len(reqs),
+                    "seconds": seconds,
+                    "patch_bytes": patch.nbytes,
+                    "stored_bytes": stored,
+                    "peak_rss_mb": _peak_rss_mb(),
+                    "info": patch.info,
+                }
+            )
             method_config = method_config or dict(patch.config)
             t2 = time.perf_counter()
             if session is None:
@@ -286,7 +329,7 @@ def evaluate(
                     post_scores[start + j] = s
             else:
                 session.apply(patch)
-                if eval_each_step and gi < len(groups) - 1:
+                if eval_every and (gi + 1) % eval_every == 0 and gi < len(groups) - 1:
                     seen = cases[: start + len(group)]
                     cheap = ScoringSettings(
                         tuple(f for f in settings.families if f in ("tf", "prob")), settings.batch_size
@@ -317,7 +360,7 @@ def evaluate(
         case_metrics(c, s, p, settings, idf)
         for c, s, p in zip(cases, post_scores, pre_scores)  # type: ignore[arg-type]
     ]
-    if session is not None and eval_each_step:
+    if session is not None and eval_every:
         cheap_keys = set(M.TF_KEYS + M.PROB_KEYS)
         retention.append(
             {
@@ -341,8 +384,8 @@ def evaluate(
             "name": protocol,
             "k": k,
             "steps": len(groups),
-            "eval": "each_step+end"
-            if (protocol == "sequential" and eval_each_step)
+            "eval": f"every_{eval_every}_steps+end"
+            if (protocol == "sequential" and eval_every)
             else "end"
             if protocol == "sequential"
             else "per_edit",

@@ -15,7 +15,11 @@ distance ``d`` with radius ``eps_i`` and label ``y_i`` (the paper's rules):
   overlapping; train ``v``.
 
 Values are trained with Adam on the teacher-forced NLL of the target, with the codebook applied exactly as at
-inference (through a Trace on the module; the model is never written to).
+inference (through a Trace on the module; the model is never written to). The trained value can only change
+the positions from the edit's last prompt token on, unless an earlier prompt token falls inside the new entry's
+ball: otherwise the earlier tokens' key/value cache is computed once and each step runs only the last prompt
+token and the target (``lmedit.core.forward.run_prefix`` / ``run_suffix``), the same loss at a fraction of the
+cost.
 
 Lifelong editing: when the model already has a GRACE adapter at the chosen module (an ``EditSession`` applied an
 earlier GRACE patch), the method starts from that adapter's codebook and returns a patch whose adapter
@@ -45,7 +49,7 @@ from lmedit.core.adapters import (
     codebook_forward,
     unwrap,
 )
-from lmedit.core.forward import target_logprobs
+from lmedit.core.forward import head_scores, prefix_layout, run_prefix, run_suffix
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
@@ -149,11 +153,6 @@ def update_codebook(
     return action, len(book) - 1, d
 
 
-def _loss(loaded, batch: tokens.PairBatch) -> torch.Tensor:
-    lp, _ = target_logprobs(loaded.model, loaded.arch, batch)
-    return -(lp.sum(1) / batch.target_mask.sum(1)).mean()
-
-
 def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditPatch:
     """Compute the GRACE patch for ``requests`` (in order), extending the installed codebook if there is one."""
     model, tok = loaded
@@ -170,11 +169,13 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
     n_previous = len(book) if book is not None else 0
 
     for r in requests:
-        batch = tokens.pair_batch(tok, [r.prompt_text], [r.target_new]).to(device)
-        pos = batch.prompt_lens[0] - 1
+        enc = tokens.encode_pair(tok, r.prompt_text, r.target_new)
+        pos = enc.prompt_len - 1
+        ids = torch.tensor([enc.ids[: pos + 1]], device=device)
         with torch.no_grad(), Trace(model, path, retain_input=True, stop=True) as tr:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            model(input_ids=ids, use_cache=False)
         x = tr.input[0, pos]  # [d_in]
+        earlier = tr.input[0, :pos]  # [pos, d_in] the prompt's earlier tokens
         with torch.no_grad():
             out0 = base_mod(x[None, None])[0, 0]  # [d_out]
         if book is None:
@@ -183,8 +184,10 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
         action, idx, dist = update_codebook(book, x, out0, label, config.epsilon)
         entry = {"action": action, "index": idx, "distance": dist, "codebook_size": len(book)}
         if action != "expand":
-            losses = _train_value(loaded, path, base_mod, current is not base_mod, book, idx, batch, config)
-            entry.update(steps=len(losses), loss_first=losses[0], loss_last=losses[-1])
+            losses, cached = _train_value(
+                loaded, path, base_mod, current is not base_mod, book, idx, enc, earlier, config
+            )
+            entry.update(steps=len(losses), loss_first=losses[0], loss_last=losses[-1], prefix_cached=cached)
         log_entries.append(entry)
         (log.info if config.progress else log.debug)("grace %r -> %r: %s", r.prompt_text, r.target_new, entry)
 
@@ -220,11 +223,17 @@ def _train_value(
     recompute_base: bool,
     book: Codebook,
     idx: int,
-    batch: tokens.PairBatch,
+    enc: tokens.PairEncoding,
+    earlier: torch.Tensor,
     config: GraceConfig,
-) -> list[float]:
-    """Optimise ``book.values[idx]`` (in place) with the whole codebook applied at ``path``; returns losses."""
-    device = loaded.device
+) -> tuple[list[float], bool]:
+    """Optimise ``book.values[idx]`` (in place) with the whole codebook applied at ``path``.
+
+    ``earlier`` [p, d_in] holds the module inputs at the prompt's tokens before the last one: when none of them
+    is deferred to entry ``idx``, they are computed once (a key/value cache) and every step runs the rest.
+    Returns the losses and whether the cache was used.
+    """
+    model, arch, device = loaded.model, loaded.arch, loaded.device
     keys = book.keys.to(device)
     eps = book.epsilons.to(device)
     fixed = book.values.to(device)
@@ -239,10 +248,22 @@ def _train_value(
         values = fixed * (1 - onehot) + value[None] * onehot  # [n, d_out]
         return codebook_forward(x, base_out, keys, values, eps)
 
+    with torch.no_grad():
+        d_new = torch.cdist(earlier.float(), keys.float())  # [p, n]
+        near, which = d_new.min(dim=-1)  # [p]
+        cached = not bool(((which == idx) & (near <= eps[idx])).any())
+    split = enc.prompt_len - 1 if cached else 0
+    pad = tokens.pad_id(loaded.tokenizer)
+    layout = prefix_layout([enc.ids[:split]], [enc.ids[split:-1]], pad).to(device)
+    targets = torch.tensor(enc.ids[enc.prompt_len :], device=device)
+    cols = torch.arange(enc.prompt_len - 1 - split, len(enc.ids) - 1 - split, device=device)
+
     losses: list[float] = []
-    with Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=edit) as tr:
+    with Trace(model, path, retain_input=True, retain_output=False, edit_output=edit) as tr:
+        cache = run_prefix(model, arch, layout)  # with the codebook applied; unaffected by this value
         for _ in range(config.steps):
-            loss = _loss(loaded, batch)
+            hidden = run_suffix(model, arch, layout, cache)[0]  # [S, d_model]
+            loss = -head_scores(model, arch, hidden[cols], targets)[0].mean()
             losses.append(loss.item())
             if losses[-1] < config.early_stop_loss:
                 break
@@ -250,7 +271,7 @@ def _train_value(
             loss.backward()
             opt.step()
     book.values[idx] = value.detach().float().cpu()
-    return losses
+    return losses, cached
 
 
 @register_method("grace", GraceConfig, family="memory-based")

@@ -7,7 +7,10 @@ For requests i = 1..n and layers l_1 < ... < l_m = L:
 2. For each l in order, with the updates of the layers below already in place (parameter overrides, never
    written to the model): keys K_l [in, n] (template-averaged, ``core.keys``); current h_L at the subject
    token; residual R = (z - h_L) / (number of layers left); Delta_l = R K^T (lam C_l + K K^T)^-1
-   (``core.solvers.least_squares``).
+   (``core.solvers.least_squares``). Where the architecture normalises the MLP output before adding it
+   (Gemma 2/3, OLMo 2: ``ArchSpec.mlp_post_norm``), R is first mapped through that norm's local
+   linearisation at the current output (``core.solvers.through_post_norm``), so the solve fits what the
+   projection must output for the residual stream to move by R.
 
 ``run_pipeline`` is this loop with the solve as a parameter: AlphaEdit (null-space projection), EMMET
 (equality constraints) and PMET (attention + MLP values) reuse it unchanged.
@@ -26,11 +29,12 @@ from lmedit.config import hp
 from lmedit.core.delta import DenseDelta
 from lmedit.core.keys import compute_keys, mlp_out_weight, run_sites, template_site
 from lmedit.core.patch import EditPatch
-from lmedit.core.solvers import least_squares
+from lmedit.core.solvers import least_squares, through_post_norm
 from lmedit.core.stats import covariances
 from lmedit.core.values import optimize_values
 from lmedit.errors import ConfigError
 from lmedit.methods.rome import LocateEditConfig, check_layers
+from lmedit.models.arch import get_submodule
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -110,6 +114,8 @@ def run_pipeline(
     t_vals = time.perf_counter()
     z = vals.init[z_site] + vals.delta[z_site]  # [n, d]
     plain = [template_site(loaded.tokenizer, r, "{}") for r in requests]
+    # residual-space targets reach the projection through a post-MLP norm: map them (module docstring)
+    post_norm = not realised and arch.mlp_post_norm is not None and z_site == arch.module_name("layer", top)
     overrides: dict[str, torch.Tensor] = {}
     deltas: list[DenseDelta] = []
     keys_used: dict[int, torch.Tensor] = {}
@@ -125,8 +131,14 @@ def run_pipeline(
                 vals.init[z_site] + sum(d["realised"] for d in per_layer) if per_layer else vals.init[z_site]
             )
         else:
-            cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]  # [n, d]
+            mlp_name = arch.module_name("mlp_out", layer)
+            names = list(dict.fromkeys([z_site, mlp_name]))
+            got = run_sites(loaded, plain, names, overrides or None, retain="output")
+            cur = got[z_site]  # [n, d]
         r = ((z - cur) / (len(layers) - i)).T  # [out, n]
+        if post_norm:
+            norm = get_submodule(loaded.model, arch.module_name("mlp_post_norm", layer))
+            r = through_post_norm(norm, got[mlp_name], r.T).T
         upd = solve(layer, k, r, cov[layer])  # [out, in]
         keys_used[layer] = k
         per_layer.append(

@@ -12,7 +12,7 @@ test.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ class ArchSpec:
         ln_f: path of the final norm, from the root.
         lm_head: path of the unembedding, from the root.
         embed: path of the token embedding, from the root.
+        mlp_post_norm: path of a norm applied to the MLP's output before it joins the residual stream, inside
+            a layer (Gemma 2/3 and OLMo 2's ``post_feedforward_layernorm``), or None. Where it exists, a change
+            of the output projection's output reaches the residual stream through that norm.
     """
 
     name: str
@@ -49,6 +52,7 @@ class ArchSpec:
     ln_f: str
     lm_head: str
     embed: str
+    mlp_post_norm: str | None = None
 
     def module_name(self, component: str, layer: int | None = None) -> str:
         """Full dotted module name of ``component`` (``layer`` required for per-layer components)."""
@@ -58,6 +62,10 @@ class ArchSpec:
             return f"{self.layers}.{layer}.{getattr(self, component)}"
         if component == "layer":
             return f"{self.layers}.{layer}"
+        if component == "mlp_post_norm":
+            if self.mlp_post_norm is None or layer is None:
+                raise ValueError(f"{self.name} has no MLP post-norm (or no layer= given)")
+            return f"{self.layers}.{layer}.{self.mlp_post_norm}"
         if component in ROOT_COMPONENTS:
             return getattr(self, component)
         raise ValueError(f"unknown component {component!r}; known: {LAYER_COMPONENTS + ROOT_COMPONENTS}")
@@ -94,9 +102,10 @@ _GPT2 = dict(
 
 #: The table. Keys are ``config.model_type`` values.
 ARCH_TABLE: dict[str, ArchSpec] = {
+    **{t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")},
     **{
-        t: _llama_like(t)
-        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+        t: replace(_llama_like(t), mlp_post_norm="post_feedforward_layernorm")
+        for t in ("gemma2", "gemma3_text", "olmo2")
     },
     "phi3": replace(_llama_like("phi3"), mlp_in="mlp.gate_up_proj"),
     "gemma3": ArchSpec(
@@ -108,6 +117,7 @@ ARCH_TABLE: dict[str, ArchSpec] = {
         ln_f="model.language_model.norm",
         lm_head="lm_head",
         embed="model.language_model.embed_tokens",
+        mlp_post_norm="post_feedforward_layernorm",
     ),
     "gpt2": ArchSpec("gpt2", **_GPT2),
     "gptj": ArchSpec(
@@ -170,7 +180,8 @@ def resolve_arch(model: nn.Module, override: ArchSpec | dict | None = None) -> A
         spec = override
     else:
         spec = ARCH_TABLE.get(model_type)
-        if spec is None and not (override and set(override) >= set(ArchSpec.__dataclass_fields__) - {"name"}):
+        required = {f.name for f in fields(ArchSpec) if f.default is MISSING} - {"name"}
+        if spec is None and not (override and set(override) >= required):
             raise ArchitectureError(
                 f"unsupported architecture model_type={model_type!r}. Known: {sorted(ARCH_TABLE)}. "
                 "For another decoder-only model pass its module paths by hand, e.g. "
@@ -195,6 +206,8 @@ def resolve_arch(model: nn.Module, override: ArchSpec | dict | None = None) -> A
         get_submodule(model, spec.module_name(comp, 0))
     for comp in ("ln_f", "lm_head", "embed"):
         get_submodule(model, spec.module_name(comp))
+    if spec.mlp_post_norm is not None:
+        get_submodule(model, spec.module_name("mlp_post_norm", 0))
     return spec
 
 
@@ -204,7 +217,7 @@ def _pick_alternatives(model: nn.Module, spec: ArchSpec) -> ArchSpec:
     chosen = {}
     for f in ArchSpec.__dataclass_fields__:
         value = getattr(spec, f)
-        if f == "name" or "|" not in value:
+        if f == "name" or value is None or "|" not in value:
             continue
         options = value.split("|")
         for option in options:
