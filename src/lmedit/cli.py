@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scoring", default="tf,prob,gen,text", help="scoring families (default all four)")
     p.add_argument("--text-tokens", type=int, default=40, help="tokens generated for fluency (default 40)")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per teacher-forced forward pass")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per teacher-forced forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the method (default 0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config override (repeatable)")
     p.add_argument("--out", help="report JSON to write")

@@ -365,15 +365,25 @@ def pack(
     return Packing(input_ids, position_ids, where, lengths, rows, fill, chunks)
 
 
-def packed_hidden(model: nn.Module, arch: ArchSpec, packing: Packing, rows: Sequence[int]) -> torch.Tensor:
-    """Final-norm output [len(rows), width, d_model] of some of a packing's rows, one forward pass."""
+def packed_hidden(
+    model: nn.Module,
+    arch: ArchSpec,
+    packing: Packing,
+    rows: Sequence[int],
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Final-norm output [len(rows), width, d_model] of some of a packing's rows, one forward pass.
+
+    ``keep`` = (row index into ``rows``, column) tensors of the positions whose output will be used: the last
+    layer's MLP then runs only there (``last_mlp_only``), and every other position of the result is garbage.
+    """
     param = next(model.parameters())
     idx = torch.tensor(list(rows))
     w = max(packing.fill[r] for r in rows)
     allowed = packing.allowed(rows, w).to(param.device)
     mask = torch.zeros(allowed.shape, dtype=param.dtype, device=param.device)
     mask.masked_fill_(~allowed, torch.finfo(param.dtype).min)
-    with Trace(model, arch.ln_f, stop=True) as tr:
+    with Trace(model, arch.ln_f, stop=True) as tr, last_mlp_only(model, arch, keep):
         model(
             input_ids=packing.input_ids[idx, :w].to(param.device),
             attention_mask=mask[:, None],  # [rows, 1, w, w], additive
@@ -381,3 +391,38 @@ def packed_hidden(model: nn.Module, arch: ArchSpec, packing: Packing, rows: Sequ
             use_cache=False,
         )
     return tr.output
+
+
+@contextlib.contextmanager
+def last_mlp_only(model: nn.Module, arch: ArchSpec, keep: tuple[torch.Tensor, torch.Tensor] | None):
+    """Run the last decoder layer's MLP only at positions ``keep`` = (batch index, position) tensors.
+
+    Nothing after the last layer mixes positions, so the final states at ``keep`` are exact; the MLP's output
+    elsewhere is zero (those states are wrong and must not be read). The MLP is the module holding the output
+    projection; where that is the decoder layer itself (OPT) or ``keep`` is None, nothing changes.
+    """
+    last = arch.n_layers(model) - 1
+    path = arch.module_name("mlp_out", last).rpartition(".")[0]
+    if keep is None or path == arch.module_name("layer", last):
+        yield
+        return
+    mlp = get_submodule(model, path)
+    shape: list[torch.Size] = []
+
+    def pre(_mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        shape[:] = [x.shape]
+        picked = x[keep[0], keep[1]][None]  # [1, n, d]
+        return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": picked})
+
+    def post(_mod, _args, out):
+        full = out.new_zeros(*shape[0][:-1], out.shape[-1])
+        full[keep[0], keep[1]] = out[0]
+        return full
+
+    handles = [mlp.register_forward_pre_hook(pre, with_kwargs=True), mlp.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -59,7 +59,7 @@ class ScoringSettings:
     """
 
     families: tuple[str, ...] = FAMILIES
-    batch_size: int = 32
+    batch_size: int = 64
     gen_batch_size: int = 16
     gen_slack: int = 2
     text_tokens: int = 40

@@ -14,8 +14,9 @@ distance ``d`` with radius ``eps_i`` and label ``y_i`` (the paper's rules):
 * ``y != y_i``: **split**: ``eps_i = d / 2`` and add ``(h, v, d / 2, y)``, so the two balls touch without
   overlapping; train ``v``.
 
-Values are trained with Adam on the teacher-forced NLL of the target, with the codebook applied exactly as at
-inference (through a Trace on the module; the model is never written to). The trained value can only change
+Values are trained with Adam (step size relative to the module's output scale) on the teacher-forced NLL of
+the target, with the codebook applied exactly as at inference (through a Trace on the module; the model is
+never written to). The trained value can only change
 the positions from the edit's last prompt token on, unless an earlier prompt token falls inside the new entry's
 ball: otherwise the earlier tokens' key/value cache is computed once and each step runs only the last prompt
 token and the target (``lmedit.core.forward.run_prefix`` / ``run_suffix``), the same loss at a fraction of the
@@ -69,7 +70,12 @@ class GraceConfig(MethodConfig):
     epsilon: float = hp(
         1.0, "Initial deferral radius epsilon_init (L2 distance in the wrapped module's input space)."
     )
-    lr: float = hp(1.0, "Adam learning rate for a value (GRACE's edit_lr).")
+    lr: float = hp(
+        0.25,
+        "Adam learning rate for a value, relative to the RMS of the module's own output at the edit's key "
+        "(GRACE's edit_lr, made scale-free: Gemma 3 270M's MLP outputs have RMS ~0.08, where the paper's "
+        "absolute 1.0 overshoots and needs 5-8x more steps).",
+    )
     steps: int = hp(100, "Maximum optimisation steps per trained value.")
     early_stop_loss: float = hp(1e-2, "Stop training a value once the target NLL falls below this.")
     progress: bool = hp(False, "Log each edit's codebook action and loss at INFO level.")
@@ -240,7 +246,8 @@ def _train_value(
     value = book.values[idx].to(device).clone().requires_grad_(True)  # [d_out]
     onehot = torch.zeros(len(book), 1, device=device)
     onehot[idx] = 1.0
-    opt = torch.optim.Adam([value], lr=config.lr)
+    scale = float(value.detach().pow(2).mean().sqrt().clamp_min(1e-6))  # the base output's RMS at the key
+    opt = torch.optim.Adam([value], lr=config.lr * scale)
 
     def edit(out: torch.Tensor, _name: str) -> torch.Tensor:
         x = tr.input
