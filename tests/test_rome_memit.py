@@ -97,7 +97,7 @@ def test_batch_methods_reduce_the_residual(loaded, stats_env, method):
         loaded.arch.module_name("mlp_out", x) + ".weight" for x in (1, 2)
     ]
     info = patch.info
-    assert info["residual_after"] < info["layers"][0]["residual_before"]
+    assert info["residual_after"] < info["residual_before"]
     assert all(x["fit"] < 0.5 for x in info["layers"])
     prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
     before = sum(s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets))
@@ -108,7 +108,7 @@ def test_batch_methods_reduce_the_residual(loaded, stats_env, method):
 
 def test_memit_default_weight_still_moves_towards_target(loaded, stats_env):
     patch = lmedit.edit(loaded, REQS, method="memit", layers=[1, 2], v_steps=4, **stats_env)
-    assert patch.info["residual_after"] < patch.info["layers"][0]["residual_before"]
+    assert patch.info["residual_after"] < patch.info["residual_before"]
 
 
 def test_emmet_meets_equality_constraints(loaded, stats_env):
@@ -158,26 +158,3 @@ def test_rome_on_gemma_makes_rome_the_answer(gemma):
         after = lmedit.greedy_generate(gemma, [prompt], max_new_tokens=3)[0]
     assert "Rome" not in before
     assert after.strip().startswith("Rome"), after
-
-
-def test_through_post_norm_reaches_the_target():
-    """Gemma's post-MLP RMSNorm: norm(o + d) equals a reachable target exactly and the direction of any other."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-
-    from lmedit.core.solvers import through_post_norm
-
-    torch.manual_seed(0)
-    norm = Gemma3RMSNorm(16, eps=1e-12)
-    with torch.no_grad():
-        norm.weight.normal_(0, 0.5)
-    g = 1 + norm.weight.detach()
-    o = torch.randn(3, 16) * 4
-    v = torch.randn(3, 16)
-    reachable = g * v / v.pow(2).mean(-1, keepdim=True).sqrt()  # the norm's outputs are g * v with rms(v) = 1
-    with torch.no_grad():
-        d = through_post_norm(norm, o, reachable - norm(o))
-        assert torch.allclose(norm(o + d), reachable, atol=1e-5)
-        assert torch.allclose((o + d).norm(dim=-1), o.norm(dim=-1))  # the output's magnitude is kept
-        far = 3 * reachable  # off the reachable set: same direction after dividing by g
-        got = norm(o + through_post_norm(norm, o, far - norm(o)))
-        assert torch.allclose(got, reachable, atol=1e-5)

@@ -143,32 +143,3 @@ def equality_constrained(
     gram = k.T @ c_inv_k  # [n, n]
     y = spd_solve(gram, r.T, gram_damping)  # [n, out]
     return (y.T @ c_inv_k.T).float()  # [out, in]
-
-
-def through_post_norm(norm: torch.nn.Module, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """Map residual-stream targets back through an RMS norm on the MLP output (Gemma 2/3, OLMo 2).
-
-    Where a layer adds ``norm(o) = g * o / rms(o)`` to the residual stream, the projection's output ``o`` must
-    change so that ``norm(o')`` moves by ``r``. The norm forgets the scale of ``o``, so its outputs are the
-    points ``g * v`` with ``rms(v) = 1``: the wanted ``t = norm(o) + r`` is reached exactly when it lies on that
-    set, and otherwise in direction (``v`` = ``t / g`` rescaled). This returns ``d = o' - o`` with
-    ``o' = |o| * u / |u|``, ``u = t / g``: the direction that gives ``t`` (or its nearest reachable point),
-    with the magnitude of ``o`` kept. ``g`` is read off the module as ``norm(1)``.
-
-    Args:
-        norm: the RMS-type norm module (evaluated in float64 on a copy of its parameters).
-        out: [n, d] the output projection's outputs ``o`` at the edited tokens.
-        residual: [n, d] wanted changes ``r`` of the residual stream.
-    Returns:
-        [n, d] float32 changes of ``o``.
-    """
-    params = {k: v.detach().double() for k, v in norm.named_parameters()}
-    o = out.detach().double()
-    with torch.no_grad():
-        base = torch.func.functional_call(norm, params, (o,))  # [n, d]
-        g = torch.func.functional_call(norm, params, (torch.ones_like(o[:1]),))[0]  # [d]
-    floor = 1e-3 * g.abs().max().clamp_min(1e-30)
-    g = torch.where(g.abs() < floor, floor * torch.where(g < 0, -1.0, 1.0), g)
-    u = (base + residual.double()) / g  # [n, d]
-    target = u * (o.norm(dim=-1, keepdim=True) / u.norm(dim=-1, keepdim=True).clamp_min(1e-30))
-    return (target - o).float()

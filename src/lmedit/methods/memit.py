@@ -7,10 +7,15 @@ For requests i = 1..n and layers l_1 < ... < l_m = L:
 2. For each l in order, with the updates of the layers below already in place (parameter overrides, never
    written to the model): keys K_l [in, n] (template-averaged, ``core.keys``); current h_L at the subject
    token; residual R = (z - h_L) / (number of layers left); Delta_l = R K^T (lam C_l + K K^T)^-1
-   (``core.solvers.least_squares``). Where the architecture normalises the MLP output before adding it
-   (Gemma 2/3, OLMo 2: ``ArchSpec.mlp_post_norm``), R is first mapped through that norm's local
-   linearisation at the current output (``core.solvers.through_post_norm``), so the solve fits what the
-   projection must output for the residual stream to move by R.
+   (``core.solvers.least_squares``).
+
+Where the architecture normalises the MLP output before adding it to the residual stream (Gemma 2/3, OLMo 2:
+``ArchSpec.mlp_post_norm``), a residual-space target is not what the projections deliver: a normalised output
+keeps its size whatever the weights (on Gemma 3 270M the spread residual grew from layer to layer instead of
+shrinking, and 10 batched edits reached efficacy 0.2-0.4). There the values are optimised at every layer's MLP output projection at once
+(one delta per layer and request, each clamped against its own output), and each layer's update realises its
+own delta on top of what the layer outputs after the updates below it (keys recomputed likewise).
+``info["value_sites"]`` says which form ran.
 
 ``run_pipeline`` is this loop with the solve as a parameter: AlphaEdit (null-space projection), EMMET
 (equality constraints) and PMET (attention + MLP values) reuse it unchanged.
@@ -29,12 +34,11 @@ from lmedit.config import hp
 from lmedit.core.delta import DenseDelta
 from lmedit.core.keys import compute_keys, mlp_out_weight, run_sites, template_site
 from lmedit.core.patch import EditPatch
-from lmedit.core.solvers import least_squares, through_post_norm
+from lmedit.core.solvers import least_squares
 from lmedit.core.stats import covariances
 from lmedit.core.values import optimize_values
 from lmedit.errors import ConfigError
 from lmedit.methods.rome import LocateEditConfig, check_layers
-from lmedit.models.arch import get_submodule
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
 
@@ -104,6 +108,12 @@ def run_pipeline(
     layers = sorted(layers)
     check_layers(loaded, layers, "layers")
     top = layers[-1]
+    # a norm on the MLP output makes residual-space targets unreachable: one value per layer instead
+    per_layer_values = (
+        z_site is None and value_sites is None and len(layers) > 1 and arch.mlp_post_norm is not None
+    )
+    if per_layer_values:
+        value_sites = [arch.module_name("mlp_out", layer) for layer in layers]
     if z_site is None:
         z_site = arch.module_name("mlp_out" if len(layers) == 1 else "layer", top)
     value_sites = value_sites or [z_site]
@@ -112,13 +122,12 @@ def run_pipeline(
     t_stats = time.perf_counter()
     vals = optimize_values(loaded, requests, value_sites, templates, **config.value_kwargs())
     t_vals = time.perf_counter()
-    z = vals.init[z_site] + vals.delta[z_site]  # [n, d]
+    z = None if per_layer_values else vals.init[z_site] + vals.delta[z_site]  # [n, d]
     plain = [template_site(loaded.tokenizer, r, "{}") for r in requests]
-    # residual-space targets reach the projection through a post-MLP norm: map them (module docstring)
-    post_norm = not realised and arch.mlp_post_norm is not None and z_site == arch.module_name("layer", top)
     overrides: dict[str, torch.Tensor] = {}
     deltas: list[DenseDelta] = []
     keys_used: dict[int, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}  # per-layer mode: each projection's wanted output [n, out]
     per_layer = []
     for i, layer in enumerate(layers):
         name, w, layout = mlp_out_weight(loaded, layer)
@@ -126,25 +135,29 @@ def run_pipeline(
         k = (
             compute_keys(loaded, requests, [layer], templates, overrides=overrides or None).mean[layer].T
         )  # [in, n]
-        if realised:
-            cur = (
-                vals.init[z_site] + sum(d["realised"] for d in per_layer) if per_layer else vals.init[z_site]
-            )
+        if per_layer_values:
+            site = value_sites[i]
+            cur = run_sites(loaded, plain, [site], overrides or None, retain="output")[site]
+            targets[site] = cur + vals.delta[site]  # this layer's own delta on what it outputs now
+            gap = vals.delta[site]
+            r = gap.T  # [out, n]
         else:
-            mlp_name = arch.module_name("mlp_out", layer)
-            names = list(dict.fromkeys([z_site, mlp_name]))
-            got = run_sites(loaded, plain, names, overrides or None, retain="output")
-            cur = got[z_site]  # [n, d]
-        r = ((z - cur) / (len(layers) - i)).T  # [out, n]
-        if post_norm:
-            norm = get_submodule(loaded.model, arch.module_name("mlp_post_norm", layer))
-            r = through_post_norm(norm, got[mlp_name], r.T).T
+            if realised:
+                cur = (
+                    vals.init[z_site] + sum(d["realised"] for d in per_layer)
+                    if per_layer
+                    else vals.init[z_site]
+                )
+            else:
+                cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]
+            gap = z - cur  # [n, d]
+            r = (gap / (len(layers) - i)).T  # [out, n]
         upd = solve(layer, k, r, cov[layer])  # [out, in]
         keys_used[layer] = k
         per_layer.append(
             {
                 "layer": layer,
-                "residual_before": float((z - cur).norm(dim=-1).mean()),
+                "residual_before": float(gap.norm(dim=-1).mean()),
                 "update_norm": float(upd.norm()),
                 "fit": float((upd @ k - r).norm() / r.norm().clamp_min(1e-12)),
                 "realised": (upd @ k).T,  # [n, out], dropped from info below
@@ -153,7 +166,15 @@ def run_pipeline(
         stored = (upd if layout == "out_in" else upd.T).contiguous()
         overrides[name] = (param.float() + stored).to(param.dtype)
         deltas.append(DenseDelta(name, stored.cpu()))
-    cur = run_sites(loaded, plain, [z_site], overrides, retain="output")[z_site]
+    if per_layer_values:
+        after = run_sites(loaded, plain, value_sites, overrides, retain="output")
+        before = sum(d["residual_before"] for d in per_layer) / len(per_layer)
+        residual_after = sum(float((targets[s] - after[s]).norm(dim=-1).mean()) for s in value_sites)
+        residual_after /= len(value_sites)
+    else:
+        before = per_layer[0]["residual_before"]
+        cur = run_sites(loaded, plain, [z_site], overrides, retain="output")[z_site]
+        residual_after = float((z - cur).norm(dim=-1).mean())
     for d in per_layer:
         del d["realised"]
     info = {
@@ -164,7 +185,9 @@ def run_pipeline(
         "value_timing": vals.timing,
         "value_loss": vals.loss,
         "value_steps": vals.steps,
-        "residual_after": float((z - cur).norm(dim=-1).mean()),
+        "value_sites": "per layer (MLP outputs)" if per_layer_values else z_site,
+        "residual_before": before,
+        "residual_after": residual_after,
         "layers": per_layer,
         "statistics": {str(k): v for k, v in prov.items()},
         "context_templates": templates,
