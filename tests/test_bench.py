@@ -150,7 +150,7 @@ def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
     assert Report.load(out).post == report.post
 
 
-def test_sequential_checkpoints_every_m_steps(tiny, dataset_file):
+def test_sequential_checkpoints_every_m_steps(tiny, dataset_file, tmp_path, capsys):
     report = evaluate(
         tiny,
         load_dataset(str(dataset_file)),
@@ -163,6 +163,17 @@ def test_sequential_checkpoints_every_m_steps(tiny, dataset_file):
     )
     assert [p["edits"] for p in report.retention] == [3, 4]  # after step 3 and after the last
     assert report.meta["protocol"]["eval"] == "every_3_steps+end"
+    # several runs' retention curves in one figure
+    paths = [str(report.save(tmp_path / f"{name}.json")) for name in ("a", "b")]
+    png = tmp_path / "all.png"
+    assert main(["bench", "--compare", *paths, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and "retention curves written" in capsys.readouterr().out
+    single = evaluate(tiny, load_dataset(str(dataset_file), n=1), "ft-m", config=FAST, progress=False,
+                      settings=ScoringSettings(families=("tf",)))  # fmt: skip
+    with pytest.raises(ValueError, match="retention curve"):
+        from lmedit.evaluate.plots import retention_compare
+
+        retention_compare([single], ["x"], tmp_path / "none.png")
 
 
 def test_cli_compare(tiny, dataset_file, tmp_path, capsys):

@@ -186,7 +186,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.compare:
         reports = [Report.load(p) for p in args.compare]
-        print(compare_table(reports, [Path(p).stem for p in args.compare]))
+        labels = [Path(p).stem for p in args.compare]
+        print(compare_table(reports, labels))
+        if args.plot:
+            from lmedit.evaluate.plots import retention_compare
+
+            print(f"retention curves written to {retention_compare(reports, labels, args.plot)}")
         return 0
     from lmedit.bench import default_plot_path, run_bench
     from lmedit.evaluate.protocols import ScoringSettings
@@ -461,7 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the method (default 0)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config override (repeatable)")
     p.add_argument("--out", help="report JSON to write")
-    p.add_argument("--plot", help="retention-curve PNG (default: next to --out for sequential runs)")
+    p.add_argument(
+        "--plot",
+        help="retention-curve PNG (default: next to --out for sequential runs; with --compare: every run's)",
+    )
     p.add_argument("--compare", nargs="+", metavar="REPORT", help="print saved reports side by side and exit")
     p.set_defaults(fn=cmd_bench)
 

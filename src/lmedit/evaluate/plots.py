@@ -57,3 +57,49 @@ def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...
     finally:
         plt.close(fig)
     return path
+
+
+def retention_compare(
+    reports: list[Report],
+    labels: list[str],
+    path: str | os.PathLike,
+    keys: tuple[str, ...] = ("reliability_tf", "generalization_tf", "locality_tf"),
+) -> Path:
+    """The retention curves of several sequential runs in one figure: one panel per metric, one line per run.
+
+    Raises:
+        ValueError: if no report has a retention curve.
+    """
+    if len(labels) != len(reports):
+        raise ValueError(f"{len(reports)} reports but {len(labels)} labels")
+    runs = [(r, name) for r, name in zip(reports, labels) if r.retention]
+    if not runs:
+        raise ValueError(
+            "none of the reports has a retention curve (lmedit bench --protocol sequential --eval-every M)"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), dpi=120, squeeze=False)
+    try:
+        for ax, key in zip(axes[0], keys):
+            for report, name in runs:
+                pts = [(p["edits"], p["metrics"].get(key)) for p in report.retention]
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("edits applied")
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("score (cases edited so far)")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
