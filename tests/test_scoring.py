@@ -165,3 +165,24 @@ def test_real_model_batched_scores_equal_per_example(gemma):
     _check_scores(gemma, SHARED[:5], batch_size=8)
     s = score_pairs(gemma, ["The Eiffel Tower is located in the city of"], [" Paris"])[0]
     assert s.accuracy == 1.0  # the bundled model knows this fact
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_shared_lead_token_scores_equal_per_example(smol_tok, arch, monkeypatch):
+    """Inputs that all start with one token (here "The"; BOS on real models) share one copy of it per row."""
+    import lmedit.evaluate.scoring as scoring
+    from tiny_models import tiny_loaded
+
+    leads = []
+    real_pack = scoring.pack
+
+    def spy(*args, **kwargs):
+        packing = real_pack(*args, **kwargs)
+        leads.append(packing.lead)
+        return packing
+
+    monkeypatch.setattr(scoring, "pack", spy)
+    loaded = tiny_loaded(arch, smol_tok)
+    for batch_size in (1, 3, 32):
+        _check_scores(loaded, [(p, t) for p, t in SHARED if p.startswith("The")], batch_size)
+    assert leads == [True, True, True]

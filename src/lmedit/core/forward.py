@@ -276,6 +276,10 @@ class Packing:
         lengths: per unit ``(prefix_len, suffix_lens)``.
         rows: the units in each row; fill: tokens used in each row.
         chunks: row index lists, each one forward pass (run up to its widest row).
+        lead: every unit's first token (the same in all, e.g. BOS) sits once in column 0 of each row, at
+            position 0, and every token of the row attends to it: its states are exactly those each unit would
+            compute for its own copy (it sees only itself), so one copy per row serves them all. Unit columns,
+            ``where`` and ``lengths`` then describe the units without that token.
     """
 
     input_ids: torch.Tensor
@@ -285,10 +289,15 @@ class Packing:
     rows: list[list[int]]
     fill: list[int]
     chunks: list[list[int]]
+    lead: bool = False
 
     def column(self, unit: int, suffix: int, pos: int) -> int:
         """Column (in the unit's row) of input position ``pos`` of the unit's ``suffix``-th sequence (its
         prefix when the unit has no suffixes)."""
+        if self.lead:
+            if pos == 0:
+                return 0
+            pos -= 1
         _, start, sufs = self.where[unit]
         prefix_len = self.lengths[unit][0]
         return start + pos if pos < prefix_len else sufs[suffix] + pos - prefix_len
@@ -306,17 +315,31 @@ class Packing:
                 for c, n in zip(sufs, sizes):
                     out[j, c : c + n, start : start + L] = True
                     out[j, c : c + n, c : c + n] = causal[:n, :n]
+            if self.lead:
+                out[j, : self.fill[r], 0] = True
             idle = torch.arange(self.fill[r], width)
             out[j, idle, idle] = True
         return out
 
 
 def pack(
-    units: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], capacity: int, max_items: int, pad: int
+    units: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    capacity: int,
+    max_items: int,
+    pad: int,
+    lead: bool = False,
 ) -> Packing:
     """Pack ``(prefix, suffixes)`` units into rows of at most ``capacity`` tokens (wider units get a row of
     their own) holding at most ``max_items`` sequences each (a unit counts one per suffix, at least one);
-    rows are grouped into forward passes of at most ``max_items`` sequences."""
+    rows are grouped into forward passes of at most ``max_items`` sequences.
+
+    ``lead``: every unit's prefix starts with the same token (checked); it is stored once per row, in column 0
+    (``Packing.lead``)."""
+    first = units[0][0][0] if lead else None
+    if lead:
+        if any(not p or p[0] != first for p, _ in units):
+            raise ValueError("lead=True needs every unit's prefix to start with the same token")
+        units = [(p[1:], sfx) for p, sfx in units]
     size = [len(p) + sum(len(x) for x in sfx) for p, sfx in units]
     items = [max(1, len(sfx)) for _, sfx in units]
     order = sorted(range(len(units)), key=lambda u: -size[u])
@@ -330,24 +353,27 @@ def pack(
             used, n = used + size[order[hi]], n + items[order[hi]]
             hi -= 1
         rows.append(row)
-    fill = [sum(size[u] for u in row) for row in rows]
+    fill = [int(lead) + sum(size[u] for u in row) for row in rows]
     width = max(fill, default=1)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     where: list[tuple[int, int, list[int]]] = [(0, 0, [])] * len(units)
+    off = int(lead)  # positions of unit tokens start after the shared lead token
     for r, row in enumerate(rows):
-        col = 0
+        col = off
+        if lead:
+            input_ids[r, 0] = first
         for u in row:
             prefix, sfx = units[u]
             L = len(prefix)
             input_ids[r, col : col + L] = torch.tensor(list(prefix), dtype=torch.long)
-            position_ids[r, col : col + L] = torch.arange(L)
+            position_ids[r, col : col + L] = torch.arange(off, off + L)
             starts = []
             c = col + L
             for x in sfx:
                 starts.append(c)
                 input_ids[r, c : c + len(x)] = torch.tensor(list(x), dtype=torch.long)
-                position_ids[r, c : c + len(x)] = torch.arange(L, L + len(x))
+                position_ids[r, c : c + len(x)] = torch.arange(off + L, off + L + len(x))
                 c += len(x)
             where[u] = (r, col, starts)
             col = c
@@ -362,7 +388,7 @@ def pack(
             chunks.append([r])
             n = k
     lengths = [(len(p), [len(x) for x in sfx]) for p, sfx in units]
-    return Packing(input_ids, position_ids, where, lengths, rows, fill, chunks)
+    return Packing(input_ids, position_ids, where, lengths, rows, fill, chunks, lead)
 
 
 def packed_hidden(

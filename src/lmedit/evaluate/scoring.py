@@ -5,7 +5,9 @@ is only predicted). Pairs whose inputs begin with the same ``MIN_SHARED``+ token
 several answers, neighbour prompts about one subject, an in-context prefix) form one unit whose shared prefix
 is computed once; units are packed into rows of ``PACK_TOKENS`` tokens with a block attention mask and explicit
 positions (``lmedit.core.forward.pack``), so each token computes exactly what it would alone, almost no
-padding is computed, and a forward pass holds up to ``batch_size`` pairs. The final-norm states at target
+padding is computed, and a forward pass holds up to ``batch_size`` pairs. When every input starts with the
+same token (BOS), that token is computed once per row and shared by all units in it (it attends only to
+itself, so its states are the same for every unit). The final-norm states at target
 positions are collected across passes and go through the LM head together, ``HEAD_CHUNK`` positions at a
 time, streamed over the vocabulary (``head_scores``); the last layer's MLP runs only at those positions. On the bundled Gemma 3 270M this scores CounterFact
 probes ~1.7x faster than padded batches (``benchmarks/eval_speed.py``). Token handling (BOS, leading spaces)
@@ -149,7 +151,8 @@ def score_pairs(
     groups = prefix_groups(inputs, limits) if share_prefixes else [(0, [i]) for i in range(len(encs))]
     units = [(inputs[g[0]][:n], [inputs[i][n:] for i in g]) if n else (inputs[g[0]], []) for n, g in groups]
     capacity = max(PACK_TOKENS, max(len(p) + sum(map(len, sfx)) for p, sfx in units))
-    packing = pack(units, capacity, batch_size, tokens.pad_id(tok))
+    lead = share_prefixes and len({x[0] for x in inputs}) == 1  # e.g. every input starts with BOS
+    packing = pack(units, capacity, batch_size, tokens.pad_id(tok), lead)
     for rows in packing.chunks:
         at_row, at_col, ids, owner = [], [], [], []
         for j, r in enumerate(rows):
