@@ -63,7 +63,7 @@ class MEMITConfig(LocateEditConfig):
 
 #: Layer presets for the bundled models (quick sweep, see docs/locate-then-edit.md).
 PRESETS = {
-    "gemma3-270m": {"layers": [2, 3, 4, 5, 6]},
+    "gemma3-270m": {"layers": [1, 2, 3], "mom2_update_weight": 2000.0, "clamp_norm_factor": 0.5},
     "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},
 }
 
