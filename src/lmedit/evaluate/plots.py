@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,6 +21,24 @@ RETENTION_KEYS = (
 )
 
 
+@contextlib.contextmanager
+def _figure(path: str | os.PathLike, ncols: int = 1, size: tuple[float, float] = (6.4, 4.0)):
+    """Yield a row of ``ncols`` axes (matplotlib's Agg backend); the figure is saved to ``path`` and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=size, dpi=120, squeeze=False)
+    try:
+        yield axes[0]
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
 def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...] = RETENTION_KEYS) -> Path:
     """Metrics of every case edited so far against the number of edits (sequential runs with eval each step).
 
@@ -31,14 +50,8 @@ def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...
             "the report has no retention curve; run the sequential protocol evaluating after each step "
             "(lmedit bench --protocol sequential --eval-every M)"
         )
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     edits = [p["edits"] for p in report.retention]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    try:
+    with _figure(path) as (ax,):
         for key in keys:
             ys = [p["metrics"].get(key) for p in report.retention]
             if all(y is None for y in ys):
@@ -50,13 +63,7 @@ def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...
         ax.set_title(report.title(), fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def retention_compare(
@@ -77,14 +84,8 @@ def retention_compare(
         raise ValueError(
             "none of the reports has a retention curve (lmedit bench --protocol sequential --eval-every M)"
         )
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), dpi=120, squeeze=False)
-    try:
-        for ax, key in zip(axes[0], keys):
+    with _figure(path, len(keys), (4.2 * len(keys), 3.6)) as axes:
+        for ax, key in zip(axes, keys):
             for report, name in runs:
                 pts = [(p["edits"], p["metrics"].get(key)) for p in report.retention]
                 pts = [(x, y) for x, y in pts if y is not None]
@@ -94,12 +95,6 @@ def retention_compare(
             ax.set_xlabel("edits applied")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("score (cases edited so far)")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+        axes[0].set_ylabel("score (cases edited so far)")
+        axes[-1].legend(fontsize=7)
+    return Path(path)
