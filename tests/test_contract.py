@@ -11,13 +11,8 @@ from lmedit.config import build_config, describe
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, RequestError
 from lmedit.registry import get_method
-from tiny_models import tiny_loaded
+from tiny_models import REQ, tiny_loaded
 
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
 #: Per-method overrides that keep the tiny runs fast (methods not listed run with their defaults).
 FAST: dict[str, dict] = {
     "ft-l": {"steps": 3, "norm_constraint": 0.05, "lr": 1e-2},

@@ -10,18 +10,8 @@ from lmedit.core.adapters import GraceCodebook, codebook_forward
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.grace import Codebook, update_codebook
-from tiny_models import reload_scores, same, state, tiny_loaded
+from tiny_models import REQ, REQ2, reload_scores, same, state, tiny_loaded
 
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
-REQ2 = {
-    "prompt": "The mother tongue of Danielle Darrieux is",
-    "subject": "Danielle Darrieux",
-    "target_new": " English",
-}
 UNRELATED = ["My favourite food is", "The capital of Japan is"]
 FAST = dict(steps=15, lr=1.0)
 

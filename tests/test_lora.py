@@ -10,15 +10,9 @@ from lmedit.core.delta import LowRankDelta, apply_deltas
 from lmedit.errors import ConfigError
 from lmedit.methods.lora import LoRAConfig, _lora_layer
 from lmedit.models.arch import weight_layout
-from tiny_models import same, state, tiny_loaded
+from tiny_models import REQ, same, state, tiny_loaded
 
 pytest.importorskip("peft")
-
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

@@ -12,13 +12,7 @@ import lmedit
 from lmedit.core.delta import DenseDelta, LowRankDelta, apply_deltas, fingerprint
 from lmedit.core.patch import EditPatch
 from lmedit.errors import EditFailedError, PatchError
-from tiny_models import same, state, tiny_loaded
-
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
+from tiny_models import REQ, same, state, tiny_loaded
 
 
 @pytest.fixture(scope="module")

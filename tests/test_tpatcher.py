@@ -11,18 +11,8 @@ from lmedit.core.adapters import TPatcherNeurons, patch_neurons_forward
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.tpatcher import TPatcherConfig, hinge, neuron_losses
 from lmedit.methods.wise import UNRELATED_PROMPTS, module_inputs
-from tiny_models import reload_scores, same, state, tiny_loaded
+from tiny_models import REQ, REQ2, reload_scores, same, state, tiny_loaded
 
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
-REQ2 = {
-    "prompt": "The mother tongue of Danielle Darrieux is",
-    "subject": "Danielle Darrieux",
-    "target_new": " English",
-}
 MEMORY = list(UNRELATED_PROMPTS[:4])
 FAST = dict(steps=40, lr=0.1, memory_prompts=MEMORY)
 

@@ -19,18 +19,8 @@ from lmedit.methods.wise import (
     ties_merge,
 )
 from lmedit.request import EditRequest
-from tiny_models import reload_scores, same, state, tiny_loaded
+from tiny_models import REQ, REQ2, reload_scores, same, state, tiny_loaded
 
-REQ = {
-    "prompt": "The Eiffel Tower is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": " Rome",
-}
-REQ2 = {
-    "prompt": "The mother tongue of Danielle Darrieux is",
-    "subject": "Danielle Darrieux",
-    "target_new": " English",
-}
 IRRELEVANT = list(UNRELATED_PROMPTS[:3])
 FAST = dict(steps=25, lr=0.2)
 

@@ -13,6 +13,18 @@ _D = dict(
 _HEAD8 = dict(_D, head_dim=8)
 
 #: model_type -> config kwargs (vocab_size and positions are filled in from the tokenizer).
+#: Edit requests shared by the method tests.
+REQ = {
+    "prompt": "The Eiffel Tower is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": " Rome",
+}
+REQ2 = {
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "subject": "Danielle Darrieux",
+    "target_new": " English",
+}
+
 TINY_CONFIGS: dict[str, dict] = {
     "llama": _D,
     "mistral": _D,
