@@ -627,20 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             "eval_s_per_case_median": median(evals_per_case),
             "edit_cpu_s_per_request": [c["edit_cpu_s"] for c in per_case],
             "stats_cpu_s": stats_cpu,
-            "total_s": time.perf_counter() - t_start,
-            "threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
+            **run_timing(t_start, load_before),
         },
-        "memory": {
-            "peak_rss_mib_per_request": [c["peak_rss_mib"] for c in per_case],
-            "peak_rss_mib_process": PeakRSS.lifetime_mib(),
-        },
-        "metrics": _aggregate(per_case),
-        "cases": per_case,
+        **run_outcome(per_case, workarounds, redirect),
         "versions": versions("easyeditor", "torch", "transformers", "torchvision", "numpy"),
-        "workarounds": workarounds,
-        "device_redirects": redirect.redirected,
         "notes": [
             "edit_s = EasyEdit's own per-request 'time' (apply_algo wall time) minus any statistics computed "
             "inside it; the first ROME request also generates EasyEdit's context templates (cached after).",
@@ -690,6 +680,30 @@ def _case_record(
             "locality_acc": _mean(sum(loc_acc, [])) if loc_acc else None,
             "portability_acc": _mean(sum(port_post, [])) if port_post else None,
         },
+    }
+
+
+def run_timing(t_start: float, load_before: tuple[float, float, float]) -> dict:
+    """Timing entries every runner reports: wall time since ``t_start``, threads, load before and after."""
+    return {
+        "total_s": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def run_outcome(per_case: list[dict], workarounds: list[dict], redirect: CpuRedirect) -> dict:
+    """Result fields every runner reports: peak memory, aggregated metrics, cases, workarounds, redirects."""
+    return {
+        "memory": {
+            "peak_rss_mib_per_request": [c["peak_rss_mib"] for c in per_case],
+            "peak_rss_mib_process": PeakRSS.lifetime_mib(),
+        },
+        "metrics": _aggregate(per_case),
+        "cases": per_case,
+        "workarounds": workarounds,
+        "device_redirects": redirect.redirected,
     }
 
 

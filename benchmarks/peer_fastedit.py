@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_easyedit import (  # noqa: E402  (shared helpers; imports neither lmedit nor easyeditor)
     CpuRedirect,
     PeakRSS,
-    _aggregate,
     common_args,
     load_cases,
     median,
     module_templates,
     parse_layers,
+    run_outcome,
+    run_timing,
     versions,
 )
 
@@ -205,20 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             "eval_s_per_case": evals,
             "eval_s_per_case_median": median(evals),
             "eval_is_runner_code": True,
-            "total_s": time.perf_counter() - t_start,
-            "threads": torch.get_num_threads(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
+            **run_timing(t_start, load_before),
         },
-        "memory": {
-            "peak_rss_mib_per_request": [c["peak_rss_mib"] for c in per_case],
-            "peak_rss_mib_process": PeakRSS.lifetime_mib(),
-        },
-        "metrics": _aggregate(per_case),
-        "cases": per_case,
+        **run_outcome(per_case, workarounds, redirect),
         "versions": versions("pyfastedit", "torch", "transformers", "numpy"),
-        "workarounds": workarounds,
-        "device_redirects": redirect.redirected,
         "notes": [
             "FastEdit ROME has no covariance statistics (mom2_adjustment=False in every preset; its get_inv_cov "
             "raises NotImplementedError) and no MEMIT.",
