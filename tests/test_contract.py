@@ -49,6 +49,11 @@ def test_method_contract(method, loaded):
         after = lmedit.score_pairs(loaded, [REQ["prompt"]], [REQ["target_new"]])[0].mean_logprob
     assert after != before if method in IN_CONTEXT else after > before
     assert all(torch.equal(snap[k], v) for k, v in loaded.model.state_dict().items())
+    # the patch keeps only its own tensors alive (no view into a larger tensor, e.g. a whole codebook)
+    own = sum(
+        t.numel() * t.element_size() for t in {t.data_ptr(): t for t in patch.tensors().values()}.values()
+    )
+    assert patch.nbytes <= own, f"{method}: the patch's tensors keep {patch.nbytes} bytes alive for {own}"
 
 
 @pytest.mark.parametrize("method", lmedit.list_methods())

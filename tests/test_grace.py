@@ -98,6 +98,8 @@ def test_lifelong_edits_extend_the_codebook_and_undo_restores_it(loaded, patch, 
     assert second.adapters[0].parent == first.spec_fingerprint
     assert second.info["codebook_size"] == 2 and second.adapters[0].config["labels"] == ["Rome", "English"]
     assert second.adapters[0].tensors["keys"].shape[0] == 1, "the patch stores only the entry it adds"
+    row = sum(second.adapters[0].tensors[k][0].nbytes for k in ("keys", "values"))
+    assert second.nbytes == row + 2 * 4, "and keeps nothing else alive (no view of the whole codebook)"
     session.apply(second)
     assert loaded.model.get_submodule(name).keys.shape[0] == 2
     assert isinstance(loaded.model.get_submodule(name), GraceCodebook)

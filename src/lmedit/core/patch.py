@@ -219,8 +219,12 @@ class EditPatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the patch's tensors (what it stores; JSON metadata not counted)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes of memory the patch's tensors keep alive: their storages, each counted once (a small view of a
+        large tensor counts the whole tensor, which is what it holds); JSON metadata not counted."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors().values()
+        }
+        return sum(storages.values())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``patch.safetensors`` and ``patch.json`` into folder ``path`` atomically.

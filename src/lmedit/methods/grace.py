@@ -202,10 +202,11 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
         "grace",
         name,
         config={"labels": book.labels, "epsilon_init": config.epsilon, "n_previous": n_previous},
-        # only the rows added here; the radii of every entry (see GraceCodebook)
+        # only the rows added here (copied: a view would keep the whole codebook alive in every patch of a
+        # chain); the radii of every entry (see GraceCodebook)
         tensors={
-            "keys": book.keys[n_previous:],
-            "values": book.values[n_previous:],
+            "keys": book.keys[n_previous:].clone(),
+            "values": book.values[n_previous:].clone(),
             "epsilons": book.epsilons,
         },
         parent=previous.spec_fingerprint if previous is not None else None,
