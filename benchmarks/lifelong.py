@@ -6,8 +6,8 @@ and every run's retention curves in one figure.
     python benchmarks/lifelong.py runs/grace-1000.json runs/wise-200.json --plot docs/img/lifelong-retention.png
 
 For each report: the teacher-forced reliability / generalization / locality after the last edit, then at edit
-1, 100 and 1000 (where the run got there) the edit's wall time (median of the 9 edits around it, so one slow
-edit does not decide), the bytes all patches so far store, and the process's peak resident memory. Prints a
+1, 100 and 1000 (where the run got there) the step's wall time (median of the 9 steps around it, so one slow
+step does not decide), the bytes all patches so far store, and the process's peak resident memory. Prints a
 Markdown table for BENCHMARKS.md.
 """
 
@@ -23,50 +23,32 @@ from lmedit.evaluate.report import Report
 AT = (1, 100, 1000)
 
 
-def _around(steps: list[dict], edits: int, key: str) -> float | None:
-    """Median of ``key`` over the steps within 4 of the one that brought the run to ``edits`` edits."""
-    done, index = 0, None
+def _step(steps: list[dict], edits: int) -> int | None:
+    """Index of the step after which exactly ``edits`` edits are applied (None if the run has no such step)."""
+    done = 0
     for i, s in enumerate(steps):
         done += s["cases"]
         if done >= edits:
-            index = i
-            break
-    if index is None or done != edits and edits != 1:
-        return None
-    window = [s[key] for s in steps[max(0, index - 4) : index + 5] if s.get(key) is not None]
-    return statistics.median(window) if window else None
+            return i if done == edits or i == 0 else None
+    return None
+
+
+def _cost(steps: list[dict], edits: int) -> str:
+    """``time / stored / peak RSS`` at ``edits`` edits; the time is the median of the 9 steps around it."""
+    i = _step(steps, edits)
+    if i is None:
+        return "-"
+    seconds = statistics.median(s["seconds"] for s in steps[max(0, i - 4) : i + 5])
+    rss = steps[i].get("peak_rss_mb")
+    return f"{seconds:.2f} s / {steps[i]['stored_bytes'] / 1e6:.2f} MB" + (f" / {rss:.0f} MB" if rss else "")
 
 
 def summary(report: Report, label: str) -> str:
-    steps = report.meta["edits"]
-    n = report.meta["n"]
     post = report.post
-    cells = [
-        label,
-        str(n),
-        *(
-            f"{post[k]:.3f}" if post.get(k) is not None else "-"
-            for k in ("reliability_tf", "generalization_tf")
-        ),
-        f"{post['locality_tf']:.3f}" if post.get("locality_tf") is not None else "-",
-    ]
-    for at in AT:
-        t = _around(steps, at, "seconds")
-        stored = _stored(steps, at)
-        rss = _around(steps, at, "peak_rss_mb")
-        cells.append(
-            "-" if t is None else f"{t:.2f} s / {stored / 1e6:.2f} MB / {rss:.0f} MB" if rss else f"{t:.2f} s"
-        )
+    scores = [post.get(k) for k in ("reliability_tf", "generalization_tf", "locality_tf")]
+    cells = [label, str(report.meta["n"]), *("-" if v is None else f"{v:.3f}" for v in scores)]
+    cells += [_cost(report.meta["edits"], at) for at in AT]
     return "| " + " | ".join(cells) + " |"
-
-
-def _stored(steps: list[dict], edits: int) -> float:
-    done = 0
-    for s in steps:
-        done += s["cases"]
-        if done >= edits:
-            return s["stored_bytes"]
-    return float("nan")
 
 
 def main() -> int:

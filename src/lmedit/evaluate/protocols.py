@@ -307,14 +307,15 @@ def evaluate(
             patch = lmedit.edit(loaded, reqs, method=method, **overrides, **extra)
             seconds = time.perf_counter() - t1
             timings["edit_s"] += seconds
-            stored = stored + patch.nbytes if session is not None else patch.nbytes
+            size = patch.nbytes
+            stored = stored + size if session is not None else size
             edit_info.append(
                 {
                     "group": gi,
                     "cases": len(group),
                     "requests": len(reqs),
                     "seconds": seconds,
-                    "patch_bytes": patch.nbytes,
+                    "patch_bytes": size,
                     "stored_bytes": stored,
                     "peak_rss_mb": _peak_rss_mb(),
                     "info": patch.info,

@@ -16,11 +16,10 @@ distance ``d`` with radius ``eps_i`` and label ``y_i`` (the paper's rules):
 
 Values are trained with Adam (step size relative to the module's output scale) on the teacher-forced NLL of
 the target, with the codebook applied exactly as at inference (through a Trace on the module; the model is
-never written to). The trained value can only change
-the positions from the edit's last prompt token on, unless an earlier prompt token falls inside the new entry's
-ball: otherwise the earlier tokens' key/value cache is computed once and each step runs only the last prompt
-token and the target (``lmedit.core.forward.run_prefix`` / ``run_suffix``), the same loss at a fraction of the
-cost.
+never written to). The trained value can only change the positions from the edit's last prompt token on,
+unless an earlier prompt token falls inside the new entry's ball: otherwise the earlier tokens' key/value cache
+is computed once and each step runs only the last prompt token and the target (``lmedit.core.forward.run_prefix``
+/ ``run_suffix``), the same loss at a fraction of the cost.
 
 Lifelong editing: when the model already has a GRACE adapter at the chosen module (an ``EditSession`` applied an
 earlier GRACE patch), the method starts from that adapter's codebook and returns a patch whose adapter

@@ -12,9 +12,10 @@ For requests i = 1..n and layers l_1 < ... < l_m = L:
 Where the architecture normalises the MLP output before adding it to the residual stream (Gemma 2/3, OLMo 2:
 ``ArchSpec.mlp_post_norm``), a residual-space target is not what the projections deliver: a normalised output
 keeps its size whatever the weights (on Gemma 3 270M the spread residual grew from layer to layer instead of
-shrinking, and 10 batched edits reached efficacy 0.2-0.4). There the values are optimised at every layer's MLP output projection at once
-(one delta per layer and request, each clamped against its own output), and each layer's update realises its
-own delta on top of what the layer outputs after the updates below it (keys recomputed likewise).
+shrinking, and 10 batched edits reached efficacy 0.2-0.4). There the values are optimised at every layer's MLP
+output projection at once (one delta per layer and request, each clamped against its own output), and each
+layer's update realises its own delta on top of what the layer outputs after the updates below it (keys
+recomputed likewise).
 ``info["value_sites"]`` says which form ran.
 
 ``run_pipeline`` is this loop with the solve as a parameter: AlphaEdit (null-space projection), EMMET
