@@ -190,6 +190,8 @@ def median(xs: list[float]) -> float | None:
 def module_templates(model) -> dict[str, str]:
     """EasyEdit/FastEdit module-name templates for the decoder-only architectures we benchmark."""
     mt = model.config.model_type
+    # tied embeddings (SmolLM2): lm_head.weight is not a named parameter; the embedding matrix is the same tensor
+    head = "lm_head" if "lm_head.weight" in dict(model.named_parameters()) else "model.embed_tokens"
     if mt in ("llama", "gemma3_text", "gemma3", "gemma2", "gemma", "mistral", "qwen2", "qwen3"):
         return {
             "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
@@ -197,7 +199,7 @@ def module_templates(model) -> dict[str, str]:
             "mlp_module_tmp": "model.layers.{}.mlp",
             "attn_module_tmp": "model.layers.{}.self_attn",
             "ln_f_module": "model.norm",
-            "lm_head_module": "lm_head",
+            "lm_head_module": head,
         }
     raise SystemExit(f"model_type {mt!r} is not mapped to module templates; add it to module_templates()")
 
@@ -291,6 +293,44 @@ def _compat_before_import(workarounds: list[dict]) -> None:
                 "Q-Former at import time, never called for ROME/MEMIT)",
             }
         )
+
+
+def _tuple_layer_outputs(workarounds: list[dict]) -> None:
+    """MEMIT's ``compute_z`` indexes decoder-layer outputs as tuples (``cur_out[0][i, idx]``,
+    ``tr[layer].output[0]``), as transformers 4 returned them; transformers 5 decoder layers return the hidden
+    state tensor. Give compute_z (only) a TraceDict that shows it 1-tuples."""
+    import types
+
+    from easyeditor.models.memit import compute_z
+    from easyeditor.util import nethook
+
+    class TupleTraceDict(nethook.TraceDict):
+        def __init__(self, *args, edit_output=None, **kwargs):
+            if edit_output is not None:
+                fn = edit_output
+
+                def edit_output(output, layer):  # nethook passes these by name
+                    return fn((output,), layer)[0] if torch.is_tensor(output) else fn(output, layer)
+
+            super().__init__(*args, edit_output=edit_output, **kwargs)
+
+        def __getitem__(self, key):
+            trace = super().__getitem__(key)
+            if torch.is_tensor(getattr(trace, "output", None)):
+                trace.output = (trace.output,)
+            return trace
+
+    shim = types.ModuleType("easyeditor_nethook_tuple_outputs")
+    shim.__dict__.update(vars(nethook))
+    shim.TraceDict = TupleTraceDict
+    compute_z.nethook = shim
+    workarounds.append(
+        {
+            "id": "tuple-layer-outputs",
+            "detail": "MEMIT compute_z indexes decoder-layer outputs as transformers-4 tuples; transformers 5 "
+            "returns tensors (IndexError). compute_z's TraceDict wraps them in 1-tuples (edit and retained output).",
+        }
+    )
 
 
 def _install_local_corpus(rows: list[str], workarounds: list[dict]) -> None:
@@ -449,6 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         stats_dir=stats_dir,
         **module_templates(model),
     )
+    if common["lm_head_module"] != "lm_head":
+        workarounds.append(
+            {
+                "id": "tied-lm-head",
+                "detail": "tied embeddings: lm_head.weight is no named parameter, and MEMIT's compute_z reads it by "
+                "name (LookupError); lm_head_module := model.embed_tokens, the same tensor",
+            }
+        )
+    if args.method == "memit":
+        _tuple_layer_outputs(workarounds)
     if args.method == "rome":
         hp = ROMEHyperParams(
             alg_name="ROME",
