@@ -87,6 +87,40 @@ def test_edit_raises_target_and_leaves_unrelated_prompts_identical(loaded, patch
     assert same(loaded.model, snap)
 
 
+def test_radius_is_bounded_by_the_nearest_contrast_key(loaded, patch):
+    from lmedit.methods.grace import _prompt_key
+
+    path = patch.adapters[0].module
+    _, key, _ = _prompt_key(loaded, path, REQ["prompt"], REQ["target_new"])
+    subjects = ["Big Ben", "Marie Curie"]
+    contrast = [
+        _prompt_key(loaded, path, REQ["prompt"].replace("Eiffel Tower", s), " Rome")[1] for s in subjects
+    ]
+    nearest = min(float(torch.linalg.vector_norm(c - key)) for c in contrast)
+    wide = lmedit.edit(loaded, REQ, method="grace", epsilon=1e6, contrast_subjects=subjects, **FAST)
+    entry = wide.info["edits"][0]
+    assert entry["contrast_distance"] == pytest.approx(nearest, rel=1e-5)
+    assert wide.adapters[0].tensors["epsilons"].tolist() == pytest.approx([0.5 * nearest], rel=1e-5)
+    with wide.applied(loaded):  # the contrast prompts keep the base model's output
+        base = [
+            s.logprobs
+            for s in lmedit.score_pairs(
+                loaded, [REQ["prompt"].replace("Eiffel Tower", s) for s in subjects], [" Rome"] * 2
+            )
+        ]
+    unbounded = lmedit.edit(loaded, REQ, method="grace", epsilon=1e6, contrast_subjects=[], **FAST)
+    assert unbounded.adapters[0].tensors["epsilons"].tolist() == [1e6]
+    plain = [
+        s.logprobs
+        for s in lmedit.score_pairs(
+            loaded, [REQ["prompt"].replace("Eiffel Tower", s) for s in subjects], [" Rome"] * 2
+        )
+    ]
+    assert base == plain
+    with pytest.raises(ConfigError, match="contrast_fraction"):
+        lmedit.edit(loaded, REQ, method="grace", contrast_fraction=0)
+
+
 def test_lifelong_edits_extend_the_codebook_and_undo_restores_it(loaded, patch, tmp_path, smol_tok):
     snap = state(loaded.model)
     name = loaded.arch.module_name("mlp_out", patch.config["layer"])

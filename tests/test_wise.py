@@ -166,7 +166,12 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     second = lmedit.edit(loaded, REQ2, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
     spec = second.adapters[0]
     assert spec.parent == first.spec_fingerprint
-    assert spec.config["prompts"] == [REQ["prompt"], REQ2["prompt"]]
+    assert spec.config["n_edits"] == 2
+    first_min = patch.adapters[0].config["min_act"]
+    assert spec.config["min_act"] == min(first_min, second.info["edit_activations"][0]), (
+        "the running minimum of the activations recorded when each patch was made"
+    )
+    assert spec.config["epsilon"] == pytest.approx(spec.config["act_ratio"] * spec.config["min_act"])
     assert not torch.equal(spec.tensors["index"], patch.adapters[0].tensors["index"]), "a new random mask"
     first_memory = first.delta.clone()
     session.apply(second)

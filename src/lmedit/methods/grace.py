@@ -14,6 +14,12 @@ distance ``d`` with radius ``eps_i`` and label ``y_i`` (the paper's rules):
 * ``y != y_i``: **split**: ``eps_i = d / 2`` and add ``(h, v, d / 2, y)``, so the two balls touch without
   overlapping; train ``v``.
 
+**Contrast-bounded radii** (our addition, like WISE's contrast prompts here): the edit's own template filled
+with other subjects (``contrast_subjects``) gives contrast keys, and a new entry's radius is capped at
+``contrast_fraction`` times the distance from its key to the nearest of them. Without it, a same-template
+neighbour ("Notre-Dame is located in the city of" after editing the Eiffel Tower) falls inside the ball: on
+Gemma 3 270M such neighbour keys lie closer to the edit key (L2 0.6-2) than many paraphrase keys do.
+
 Values are trained with Adam (step size relative to the module's output scale) on the teacher-forced NLL of
 the target, with the codebook applied exactly as at inference (through a Trace on the module; the model is
 never written to). The trained value can only change the positions from the edit's last prompt token on,
@@ -53,6 +59,7 @@ from lmedit.core.forward import head_scores, prefix_layout, run_prefix, run_suff
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
+from lmedit.methods.wise import CONTRAST_SUBJECTS
 from lmedit.models import tokens
 from lmedit.registry import register_method
 from lmedit.request import EditRequest
@@ -77,6 +84,15 @@ class GraceConfig(MethodConfig):
     )
     steps: int = hp(100, "Maximum optimisation steps per trained value.")
     early_stop_loss: float = hp(1e-2, "Stop training a value once the target NLL falls below this.")
+    contrast_subjects: list[str] = hp(
+        list(CONTRAST_SUBJECTS),
+        "Subjects put into each edit's own template; their keys bound the new entry's radius (our addition; [] "
+        "turns it off).",
+    )
+    contrast_fraction: float = hp(
+        0.5,
+        "A new entry's radius is at most this fraction of the distance from its key to the nearest contrast key.",
+    )
     progress: bool = hp(False, "Log each edit's codebook action and loss at INFO level.")
 
     def validate(self) -> None:
@@ -86,6 +102,8 @@ class GraceConfig(MethodConfig):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if not 0 < self.contrast_fraction <= 1:
+            raise ConfigError(f"contrast_fraction must be in (0, 1], got {self.contrast_fraction}")
 
 
 @dataclass
@@ -160,8 +178,7 @@ def update_codebook(
 
 def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditPatch:
     """Compute the GRACE patch for ``requests`` (in order), extending the installed codebook if there is one."""
-    model, tok = loaded
-    device = loaded.device
+    model = loaded.model
     n_layers = loaded.arch.n_layers(model)
     layer = config.layer if config.layer is not None else (3 * n_layers) // 4
     if not 0 <= layer < n_layers:
@@ -174,13 +191,9 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
     n_previous = len(book) if book is not None else 0
 
     for r in requests:
-        enc = tokens.encode_pair(tok, r.prompt_text, r.target_new)
-        pos = enc.prompt_len - 1
-        ids = torch.tensor([enc.ids[: pos + 1]], device=device)
-        with torch.no_grad(), Trace(model, path, retain_input=True, stop=True) as tr:
-            model(input_ids=ids, use_cache=False)
-        x = tr.input[0, pos]  # [d_in]
-        earlier = tr.input[0, :pos]  # [pos, d_in] the prompt's earlier tokens
+        enc, x, earlier = _prompt_key(loaded, path, r.prompt_text, r.target_new)
+        contrast = [r.template.replace("{}", s) for s in config.contrast_subjects if s != r.subject]
+        contrast_keys = [_prompt_key(loaded, path, t, r.target_new)[1] for t in contrast]
         with torch.no_grad():
             out0 = base_mod(x[None, None])[0, 0]  # [d_out]
         if book is None:
@@ -188,6 +201,11 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
         label = r.target_new.strip()
         action, idx, dist = update_codebook(book, x, out0, label, config.epsilon)
         entry = {"action": action, "index": idx, "distance": dist, "codebook_size": len(book)}
+        if contrast_keys and action != "expand":
+            d_contrast = float(torch.linalg.vector_norm(torch.stack(contrast_keys) - x[None], dim=-1).min())
+            bound = config.contrast_fraction * d_contrast
+            book.epsilons[idx] = min(float(book.epsilons[idx]), bound)
+            entry.update(contrast_distance=d_contrast, radius=float(book.epsilons[idx]))
         if action != "expand":
             losses, cached = _train_value(
                 loaded, path, base_mod, current is not base_mod, book, idx, enc, earlier, config
@@ -220,6 +238,16 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
         info={"edits": log_entries, "codebook_size": len(book), "seconds": time.perf_counter() - t0},
         adapters=[spec],
     )
+
+
+def _prompt_key(loaded, path: str, prompt: str, target: str):
+    """(encoding, module input at the last prompt token [d_in], inputs at the earlier prompt tokens [p, d_in])."""
+    enc = tokens.encode_pair(loaded.tokenizer, prompt, target)
+    pos = enc.prompt_len - 1
+    ids = torch.tensor([enc.ids[: pos + 1]], device=loaded.device)
+    with torch.no_grad(), Trace(loaded.model, path, retain_input=True, stop=True) as tr:
+        loaded.model(input_ids=ids, use_cache=False)
+    return enc, tr.input[0, pos], tr.input[0, :pos]
 
 
 def _train_value(

@@ -25,12 +25,16 @@ Editing (one patch, requests in order):
 * **Merging.** With several shards, their changes (task vectors relative to the starting side memory) are merged
   by TIES (trim each to its largest ``merge_density`` fraction by magnitude, elect each entry's sign by the sum,
   average the entries that agree with it), or averaged (``merge="linear"``).
-* **Threshold.** ``epsilon = act_ratio * min over every edit prompt of the chain of act(prompt)``, computed with
-  the final side memory, so every edit prompt is routed to it by construction.
+* **Threshold.** ``epsilon = act_ratio * min over the chain's edit prompts of act(prompt)``, each activation
+  recorded when its own patch was made (with that patch's final side memory), as the paper (and EasyEdit) keep
+  a running minimum. A later patch may lower an earlier edit's activation below epsilon (that edit then loses
+  its routing) but cannot drag epsilon down to the irrelevant prompts' level. (Recomputing every edit's
+  activation with the final memory, as this module did before, guarantees each edit its routing but lets
+  epsilon fall as a chain grows: on Gemma 3 270M locality_tf fell to 0.06 within 25 sequential edits.)
 
 Lifelong editing: when the model already carries a WISE wrapper at the chosen projection, training starts from
 its side memory and the patch's adapter *replaces* it (``AdapterSpec.parent``); the patch stores only the rows
-it changed (``index``, ``rows``), the threshold and the chain's edit prompts (to recompute the threshold).
+it changed (``index``, ``rows``), the threshold, the running minimum activation and the chain's length.
 
     >>> session = lmedit.EditSession(loaded)
     >>> session.apply(lmedit.edit(loaded, req1, method="wise"))
@@ -106,7 +110,9 @@ class WiseConfig(MethodConfig):
         "projection's output over the irrelevant prompts' tokens.",
     )
     act_ratio: float = hp(
-        0.88, "Routing threshold epsilon = act_ratio * the smallest activation over the chain's edit prompts."
+        0.88,
+        "Routing threshold epsilon = act_ratio * the smallest activation over the chain's edit prompts, each "
+        "recorded when its patch was made.",
     )
     edits_per_shard: int = hp(
         5,
@@ -297,16 +303,16 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     margins = tuple(m * scale for m in config.act_margin)  # alpha, beta, gamma
     if previous is not None:
         start_delta = previous.delta.detach().float()
-        earlier = list(previous.spec.config["prompts"])
+        n_earlier, earlier_min = int(previous.spec.config["n_edits"]), float(previous.spec.config["min_act"])
     else:
         start_delta = torch.zeros(d_in, d_out, device=device)
-        earlier = []
+        n_earlier, earlier_min = 0, float("inf")
 
     shards: list[tuple[torch.Tensor, torch.Tensor]] = []
     shard_log: list[dict] = []
     for s in range(0, len(requests), config.edits_per_shard):
         reqs = requests[s : s + config.edits_per_shard]
-        index = _shard_mask(config.seed, len(earlier) + s, d_in, config.mask_ratio)
+        index = _shard_mask(config.seed, n_earlier + s, d_in, config.mask_ratio)
         x_shard = x_edit[s : s + len(reqs)]
         x_neg = x_irr + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
         rows, entry = _train_shard(
@@ -336,12 +342,11 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     )
     final = wise_side_delta(prior, index, rows).float()
     with torch.no_grad():
-        x_earlier = module_inputs(loaded, path, earlier) if earlier else []
-        act_edits = prompt_activation(x_earlier + x_edit, final)  # [n_chain]
+        act_edits = prompt_activation(x_edit, final)  # [n_requests], recorded now for the running minimum
         act_irr = prompt_activation(x_irr, final)  # [n_irr]
         x_con = [x for xs in x_contrast for x in xs]
         act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
-    min_act = float(act_edits.min())
+    min_act = min(earlier_min, float(act_edits.min()))
     epsilon = config.act_ratio * min_act
     spec = AdapterSpec(
         "wise",
@@ -352,7 +357,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             "epsilon": epsilon,
             "min_act": min_act,
             "act_ratio": config.act_ratio,
-            "prompts": earlier + prompts,
+            "n_edits": n_earlier + len(requests),
         },
         tensors={"index": index.cpu(), "rows": rows.detach().float().cpu()},
         parent=previous.spec_fingerprint if previous is not None else None,
@@ -362,7 +367,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "shards": shard_log,
         "epsilon": epsilon,
         "scale": scale,
-        "edit_activations": act_edits[len(earlier) :].tolist(),
+        "edit_activations": act_edits.tolist(),
         "irrelevant_max_activation": float(act_irr.max()),
         "irrelevant_routed_to_side": int((act_irr > epsilon).sum()),
         "contrast_routed_to_side": int((act_con > epsilon).sum()),
