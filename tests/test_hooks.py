@@ -60,3 +60,35 @@ def test_hooks_removed_on_exception(loaded, smol_tok):
     with pytest.raises(ArchitectureError, match="no.such.module"):
         TraceDict(model, [spec.module_name("mlp_out", 0), "no.such.module"])
     assert active_hook_count(model) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_replay_below_reuses_lower_layers_and_restores_them(arch, smol_tok):
+    from lmedit.core.forward import replay_below
+
+    loaded = tiny_loaded(arch, smol_tok)
+    model, spec = loaded.model, loaded.arch
+    ids = _ids(smol_tok)
+    base = model(input_ids=ids).logits
+    lower = model.get_submodule(spec.module_name("layer", 0))
+    upper = model.get_submodule(spec.module_name("layer", 2))
+    weight, up = next(lower.parameters()), next(upper.parameters())
+    saved = weight.detach().clone(), up.detach().clone()
+    with replay_below(model, spec, 2):
+        first = model(input_ids=ids).logits
+        with torch.no_grad():
+            weight.add_(1.0)  # a layer below 2 changes: replayed, so no effect
+        second = model(input_ids=ids).logits
+        with torch.no_grad():
+            up.add_(1.0)  # layer 2 still computes
+        third = model(input_ids=ids).logits
+        with torch.no_grad():
+            up.copy_(saved[1])
+        with pytest.raises(RuntimeError, match="shape"):
+            model(input_ids=ids[:, :-1])
+    assert torch.equal(first, base) and torch.equal(second, base) and not torch.equal(third, base)
+    assert "forward" not in lower.__dict__, "the class's forward is back"
+    assert not torch.equal(model(input_ids=ids).logits, base), "outside the block layer 0 computes again"
+    with torch.no_grad():
+        weight.copy_(saved[0])
+    assert torch.equal(model(input_ids=ids).logits, base)

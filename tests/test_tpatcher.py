@@ -152,3 +152,14 @@ def test_stacks_with_a_wise_side_memory_in_the_same_layer(loaded):
     assert isinstance(mlp, TPatcherNeurons) and mlp.base_layer.down_proj.kind == "wise"
     session.reset()
     assert same(loaded.model, snap)
+
+
+def test_replaying_the_layers_below_the_patched_mlp_changes_nothing(loaded, patch, monkeypatch):
+    import contextlib
+
+    import lmedit.methods.tpatcher as tpatcher
+
+    monkeypatch.setattr(tpatcher, "replay_below", lambda *a: contextlib.nullcontext())
+    full = lmedit.edit(loaded, REQ, method="tpatcher", **FAST)
+    for name in ("keys", "biases", "values"):
+        assert torch.equal(full.adapters[0].tensors[name], patch.adapters[0].tensors[name]), name

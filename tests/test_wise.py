@@ -206,3 +206,13 @@ def test_shards_are_trained_under_their_own_masks_and_merged(loaded):
     with p.applied(loaded):
         after = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
     assert after[0] > before[0] and after[1] > before[1], (before, after)
+
+
+def test_replaying_the_layers_below_the_side_memory_changes_nothing(loaded, patch, monkeypatch):
+    import contextlib
+
+    import lmedit.methods.wise as wise
+
+    monkeypatch.setattr(wise, "replay_below", lambda *a: contextlib.nullcontext())
+    full = lmedit.edit(loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
+    assert torch.equal(full.adapters[0].tensors["rows"], patch.adapters[0].tensors["rows"])

@@ -48,6 +48,52 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def replay_below(model: nn.Module, arch: ArchSpec, layer: int) -> Iterator[None]:
+    """Inside the block, decoder layers below ``layer`` compute once and then replay their outputs.
+
+    For training loops that run the same inputs at every step and change nothing below ``layer`` (an adapter or
+    side memory at ``layer`` is trained; the model's weights are fixed): the first forward pass in the block runs
+    every layer and records what each layer ``< layer`` returns (without autograd: nothing below ``layer`` has a
+    trainable input); later passes get those outputs back without computing them, so each step costs only the
+    layers from ``layer`` up. Every pass must use the same inputs: the hidden states' shape is checked.
+    """
+    blocks = list(get_submodule(model, arch.layers))[:layer]
+    recorded: dict[int, object] = {}
+    shapes: dict[int, torch.Size] = {}
+
+    def replaying(i: int, block: nn.Module):
+        original = block.forward
+
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            shape = hidden.shape if isinstance(hidden, torch.Tensor) else None
+            if i in recorded:
+                if shape != shapes[i]:
+                    raise RuntimeError(
+                        f"replay_below: layer {i} got inputs of shape {shape}, recorded {shapes[i]}"
+                    )
+                return recorded[i]
+            with torch.no_grad():
+                recorded[i] = original(*args, **kwargs)
+            shapes[i] = shape
+            return recorded[i]
+
+        return forward
+
+    before = [block.__dict__.get("forward") for block in blocks]  # an instance-level forward (e.g. a hook)
+    for i, block in enumerate(blocks):
+        block.forward = replaying(i, block)
+    try:
+        yield
+    finally:
+        for block, prev in zip(blocks, before):
+            if prev is None:
+                del block.forward  # the class's forward is back
+            else:
+                block.forward = prev
+
+
 def final_hidden(
     model: nn.Module,
     arch: ArchSpec,

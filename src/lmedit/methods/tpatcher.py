@@ -45,7 +45,7 @@ import torch
 
 from lmedit.config import MethodConfig, hp
 from lmedit.core.adapters import AdapterSpec, adapter_site, patch_neurons_forward, unwrap
-from lmedit.core.forward import target_logprobs
+from lmedit.core.forward import replay_below, target_logprobs
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
@@ -171,7 +171,9 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
         others = [x for p, x in zip(prompts, x_edit) if p != prompts[j]]
         contrast = module_inputs(loaded, path, contrast_prompts(r, config.contrast_subjects))
         memory = torch.cat(x_mem + others + contrast)  # [n_memory_tokens, d]
-        k, b, v, entry = _train_neuron(loaded, path, (keys, biases, values), x_edit[j][-1], memory, r, config)
+        k, b, v, entry = _train_neuron(
+            loaded, layer, path, (keys, biases, values), x_edit[j][-1], memory, r, config
+        )
         keys, biases, values = (
             torch.cat([keys, k[None]]),
             torch.cat([biases, b[None]]),
@@ -211,6 +213,7 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
 
 def _train_neuron(
     loaded,
+    layer: int,
     path: str,
     fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     x_e: torch.Tensor,
@@ -219,6 +222,8 @@ def _train_neuron(
     config: TPatcherConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """Train one neuron for ``request`` on top of the wrapper's output and this patch's ``fixed`` neurons.
+
+    The layers below ``layer`` run once (``replay_below``): each step computes only the patched layer and up.
 
     Args:
         fixed: (keys [n, d], biases [n], values [n, d]) of the neurons this patch already added.
@@ -240,7 +245,10 @@ def _train_neuron(
         return patch_neurons_forward(tr.input, out, state["keys"], state["biases"], state["values"])
 
     entry: dict = {}
-    with Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=add_neurons) as tr:
+    with (
+        replay_below(loaded.model, loaded.arch, layer),
+        Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=add_neurons) as tr,
+    ):
         for step in range(config.steps):
             key = unit / norm  # [d]
             state.update(

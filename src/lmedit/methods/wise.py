@@ -57,7 +57,7 @@ import torch
 
 from lmedit.config import MethodConfig, hp
 from lmedit.core.adapters import AdapterSpec, adapter_site, unwrap, wise_side_delta
-from lmedit.core.forward import target_logprobs
+from lmedit.core.forward import replay_below, target_logprobs
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
@@ -317,6 +317,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         x_neg = x_irr + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
         rows, entry = _train_shard(
             loaded,
+            layer,
             path,
             base_mod,
             previous is not None,
@@ -387,6 +388,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
 
 def _train_shard(
     loaded,
+    layer: int,
     path: str,
     base_mod: torch.nn.Module,
     recompute_base: bool,
@@ -401,7 +403,8 @@ def _train_shard(
     """Train the rows ``index`` of the side memory on one shard; returns (rows added [r, d_out], log entry).
 
     ``x_edit`` holds the shard's edit prompts' projection inputs and ``x_neg`` the irrelevant ones (generic
-    sentences and the shard's contrast prompts), each [n_tokens, d_in].
+    sentences and the shard's contrast prompts), each [n_tokens, d_in]. The layers below ``layer`` run once
+    (``replay_below``): each step computes the layers from the side memory's up.
     """
     device = loaded.device
     batch = tokens.pair_batch(
@@ -419,7 +422,10 @@ def _train_shard(
         return base_out + x @ state["delta"].to(x.dtype)
 
     entry: dict = {"edits": len(requests), "rows": int(idx.numel())}
-    with Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=side) as tr:
+    with (
+        replay_below(loaded.model, loaded.arch, layer),
+        Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=side) as tr,
+    ):
         for step in range(config.steps):
             state["delta"] = start_delta.index_add(0, idx, rows)  # [d_in, d_out]
             nll = _nll(loaded, batch)
