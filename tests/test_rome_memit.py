@@ -11,6 +11,7 @@ import lmedit
 import lmedit.methods.rome as rome_mod
 from lmedit.core.keys import compute_keys, mlp_out_weight
 from lmedit.core.patch import EditPatch
+from lmedit.errors import ConfigError
 from tiny_models import tiny_loaded
 
 ARCHS = ["llama", "gpt2", "gemma3_text", "gpt_neox"]
@@ -68,6 +69,33 @@ def test_rome_rank_one_writes_v_star(loaded, stats_env, monkeypatch, key_mode):
         err = (w_new @ k - v_star).norm() / v_star.norm()
     assert float(err) < 1e-4
     assert _same(loaded.model, snap)
+
+
+def test_rome_templates_key_mode_adds_delta_at_every_template_key(loaded, stats_env, monkeypatch):
+    captured = {}
+    real = rome_mod.optimize_values
+
+    def spy(*a, **k):
+        captured["res"] = real(*a, **k)
+        return captured["res"]
+
+    monkeypatch.setattr(rome_mod, "optimize_values", spy)
+    patch = lmedit.edit(
+        loaded, REQS[0], method="rome", layer=1, key_mode="templates", key_ridge=0.0, v_steps=5, **stats_env
+    )
+    (delta,) = patch.deltas
+    assert delta.left.shape[1] == 1, "still a rank-one update"
+    keys = compute_keys(loaded, [lmedit.EditRequest(**REQS[0])], [1], patch.config["context_templates"])
+    k_all = keys.per_template[1][0]  # [n_templates, in]
+    want = captured["res"].delta[loaded.arch.module_name("mlp_out", 1)][0]  # [out]
+    w = mlp_out_weight(loaded, 1)[1].clone()
+    with patch.applied(loaded.model):
+        w_new = mlp_out_weight(loaded, 1)[1].clone()
+    got = (w_new - w) @ k_all.T  # [out, n_templates]
+    err = (got - want[:, None]).norm(dim=0) / want.norm()
+    assert float(err.max()) < 1e-3, err
+    with pytest.raises(ConfigError, match="key_ridge"):
+        lmedit.edit(loaded, REQS[0], method="rome", key_mode="templates", key_ridge=-1, **stats_env)
 
 
 def test_rome_raises_target_probability_and_round_trips(loaded, stats_env, tmp_path):

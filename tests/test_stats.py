@@ -201,6 +201,26 @@ def test_rank_one_maps_key_to_value():
     torch.testing.assert_close((w + torch.outer(left, right)) @ k2, v, rtol=1e-4, atol=1e-4)
 
 
+def test_rank_one_on_keys_adds_delta_at_every_key_with_least_c_norm():
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(16, generator=g) + 0.3 * torch.randn(4, 16, generator=g)  # 4 related keys
+    delta, c = torch.randn(8, generator=g), _spd(16)
+    left, right = solvers.rank_one_on_keys(c, keys, delta, ridge=0.0)
+    upd = torch.outer(left, right)
+    torch.testing.assert_close(upd @ keys.T, delta[:, None].expand(8, 4), rtol=1e-4, atol=1e-4)
+    # least C-norm: any other u with u^T k_t = 1 has u^T C u at least as large (perturb within the constraints)
+    u = right.double()
+    q, _ = torch.linalg.qr(keys.double().T, mode="complete")
+    other = u + q[:, 4:] @ torch.randn(12, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(other @ keys.double().T, torch.ones(4, dtype=torch.float64))
+    assert u @ c @ u < other @ c @ other
+    # one key: ROME's direction C^-1 k, scaled so that u^T k = 1
+    left, right = solvers.rank_one_on_keys(c, keys[:1], delta, ridge=0.0)
+    torch.testing.assert_close(right @ keys[0], torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    direction = torch.linalg.solve(c, keys[0].double()).float()
+    torch.testing.assert_close(right / right.norm(), direction / direction.norm(), rtol=1e-4, atol=1e-5)
+
+
 def test_least_squares_and_equality_constrained():
     g = torch.Generator().manual_seed(1)
     k, r, c = torch.randn(16, 5, generator=g), torch.randn(8, 5, generator=g), _spd(16)

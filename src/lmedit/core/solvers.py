@@ -4,6 +4,7 @@ Notation (all in the [out, in] orientation of ``W``): keys ``K`` [in, n], target
 (desired change of the outputs for those keys), ``C`` [in, in] = E[k k^T] of the preserved keys.
 
 * ``rank_one``    ROME:      Delta = (v - W k) u^T / (u^T k),  u = C^-1 k          =>  (W + Delta) k = v
+* ``rank_one_on_keys``     Delta = delta u^T,  u = C^-1 K (K^T C^-1 K + r I)^-1 1   =>  Delta k_t ~ delta for every k_t
 * ``least_squares`` MEMIT:   Delta = R K^T (lam C + K K^T)^-1                        (min |Delta K - R|^2 + lam tr(Delta C Delta^T))
 * ``null_space_projector`` + ``projected_least_squares`` AlphaEdit:
   P projects onto the null space of C; Delta^T = (P (Kp Kp^T + K K^T) + a I)^-1 P K R^T, so Delta C ~ 0
@@ -76,6 +77,36 @@ def rank_one(
         raise EditFailedError("rank-one update is degenerate: (C^-1 k)^T k ~ 0; check the key statistics")
     left = (v - w @ k_fix) / denom  # [out]
     return left.float(), u.float()
+
+
+def rank_one_on_keys(
+    c: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor, damping: float = 0.0, ridge: float = 1e-2,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The rank-one update that adds ``delta`` to the output of every key in ``keys``, moving others least.
+
+    ROME's update is exact for one key; a subject's key varies with the context before it (on Gemma 3 270M a
+    single-token subject at the start of a prompt has a key whose overlap (C^-1 k*)^T k / (C^-1 k*)^T k* with
+    the template-averaged key k* is 0.2-0.6, so ROME realises only that fraction of the value there). Here
+    Delta = delta u^T with u of least C-norm (least expected change ``E|Delta k|^2 = |delta|^2 u^T C u`` over
+    the corpus's keys) subject to ``u^T k_t = 1`` for every key: ``u = C^-1 K (K^T C^-1 K + r I)^-1 1``, the
+    constraints softened by the relative ridge ``r`` (times the mean diagonal of ``K^T C^-1 K``) because
+    the keys are nearly collinear.
+
+    Args:
+        c: [in, in] key second moment.
+        keys: [n, in] the keys (a subject under each context template).
+        delta: [out] the change of output wanted at each of them.
+        damping: relative ridge on C; ridge: relative ridge on the constraints (0: exact).
+    Returns:
+        (left [out], right [in]) float32, Delta = left right^T.
+    """
+    c, keys, delta = (t.to(dtype) for t in (c, keys, delta))
+    ci_k = spd_solve(c, keys.T, damping)  # [in, n]
+    gram = keys @ ci_k  # [n, n]
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(keys), dtype=dtype, device=gram.device)
+    coef = torch.linalg.solve(gram, torch.ones(len(keys), dtype=dtype, device=gram.device))  # [n]
+    return delta.float(), (ci_k @ coef).float()
 
 
 def least_squares(

@@ -10,7 +10,10 @@ For a request with subject s at layer l (W: the layer's MLP output projection, [
 
 ``key_mode="averaged"`` (default, r-ROME, Gupta et al. 2024) fixes W' k* = v* for the same averaged key that
 sets the update's direction; ``key_mode="original"`` reproduces the original code, which fixed the value for
-the plain prompt's key instead (the mismatch that makes sequential ROME edits collapse).
+the plain prompt's key instead (the mismatch that makes sequential ROME edits collapse);
+``key_mode="templates"`` (ours) makes the rank-one update add delta at every context template's key at once
+(``core.solvers.rank_one_on_keys``): the averaged key can be far from the plain prompt's key (a one-token
+subject at the start of a prompt), and the averaged update then realises only part of delta there.
 
 Several requests are edited one after the other, each on top of the previous ones (through parameter
 overrides; the model is never written), and returned as one LowRankDelta of rank n.
@@ -35,7 +38,7 @@ from lmedit.core.keys import (
     mlp_out_weight,
 )
 from lmedit.core.patch import EditPatch
-from lmedit.core.solvers import rank_one
+from lmedit.core.solvers import rank_one, rank_one_on_keys
 from lmedit.core.stats import covariances
 from lmedit.core.values import optimize_values
 from lmedit.errors import ConfigError
@@ -112,11 +115,22 @@ class ROMEConfig(LocateEditConfig):
     layer: int | None = hp(
         None, "Decoder layer whose MLP output projection is edited (default: model preset)."
     )
-    key_mode: Literal["averaged", "original"] = hp(
+    key_mode: Literal["averaged", "original", "templates"] = hp(
         "averaged",
         "averaged: W' k* = v* for the template-averaged key (r-ROME correction); original: for the plain "
-        "prompt's key, as in the original ROME code.",
+        "prompt's key, as in the original ROME code; templates: W' k_t = W k_t + delta for every context "
+        "template's key k_t (least-disruptive rank-one update meeting all of them, softened by key_ridge).",
     )
+    key_ridge: float = hp(
+        1e-2,
+        "key_mode='templates': relative ridge on the per-template constraints (0: exact; larger: closer to the "
+        "averaged update, fewer parameters moved).",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.key_ridge < 0:
+            raise ConfigError(f"key_ridge must be >= 0, got {self.key_ridge}")
 
 
 #: Presets for the bundled models (10-case sweeps of layer and clamp, see docs/locate-then-edit.md).
@@ -166,11 +180,16 @@ def edit_rome(loaded, requests: list[EditRequest], config: ROMEConfig) -> EditPa
         vals = optimize_values(loaded, [req], [site], templates, overrides=overrides, **config.value_kwargs())
         timing["values_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        k_star = keys.mean[layer][0]  # [in]
-        k_fix = k_star if config.key_mode == "averaged" else keys.plain(layer)[0]
         delta = vals.delta[site][0]  # [out]
-        v_star = w @ k_fix + delta  # [out]: the value W' must produce for k_fix
-        left, right = rank_one(w, cov[layer], k_star, v_star, k_fix=k_fix, damping=config.damping)
+        if config.key_mode == "templates":
+            left, right = rank_one_on_keys(
+                cov[layer], keys.per_template[layer][0], delta, config.damping, config.key_ridge
+            )
+        else:
+            k_star = keys.mean[layer][0]  # [in]
+            k_fix = k_star if config.key_mode == "averaged" else keys.plain(layer)[0]
+            v_star = w @ k_fix + delta  # [out]: the value W' must produce for k_fix
+            left, right = rank_one(w, cov[layer], k_star, v_star, k_fix=k_fix, damping=config.damping)
         w = w + torch.outer(left, right)
         timing["solve_s"] += time.perf_counter() - t
         lefts.append(left)
