@@ -218,3 +218,36 @@ def test_cli_bench_real_model(tmp_path, capsys):
     assert report.meta["model"]["name"] == "gemma3-270m" and report.meta["n"] == 3
     assert report.post["reliability_tf"] > report.pre["reliability_tf"]
     assert report.post["efficacy_score"] >= report.pre["efficacy_score"]
+
+
+def test_held_out_perplexity_matches_full_logits_and_tracks_a_sequential_run(tiny, dataset_file, tmp_path):
+    from lmedit.evaluate.perplexity import HeldOut
+
+    text = tmp_path / "held.txt"
+    text.write_text(
+        "The river flows through the old town.\n\nA small bakery sells fresh bread every morning.\n"
+    )
+    held = HeldOut.from_corpus(tiny, text, n_tokens=12, seq_len=8)
+    assert held.n_tokens == 12 and all(len(s) <= 8 for s in held.sequences)
+    nll, count = 0.0, 0
+    first = max(held.prefix_len, 1)
+    with torch.no_grad():
+        for s in held.sequences:
+            logp = torch.log_softmax(tiny.model(input_ids=torch.tensor([s])).logits[0].double(), -1)
+            nll -= float(logp[torch.arange(first - 1, len(s) - 1), torch.tensor(s[first:])].sum())
+            count += len(s) - first
+    assert count == 12
+    assert held.perplexity(tiny) == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-5)
+
+    before = held.perplexity(tiny)
+    report = evaluate(
+        tiny, load_dataset(str(dataset_file)), "ft-m", "sequential", eval_every=2, config=FAST,
+        settings=ScoringSettings(families=("tf",)), progress=False, held_out=held,
+    )  # fmt: skip
+    ppl = report.meta["perplexity"]
+    assert ppl["pre"] == before and ppl["tokens"] == 12 and ppl["post"] != ppl["pre"]
+    assert [r["perplexity"] for r in report.retention][-1] == ppl["post"]
+    assert all("perplexity" in r for r in report.retention)
+    assert held.perplexity(tiny) == before, "the model is restored after the run"
+    with pytest.raises(ValueError, match="sequential"):
+        evaluate(tiny, load_dataset(str(dataset_file), n=1), "ft-m", held_out=held, progress=False)

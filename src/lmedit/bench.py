@@ -35,6 +35,8 @@ def run_bench(
     out: str | None = None,
     plot: str | None = None,
     progress: bool = True,
+    perplexity: str | None = None,
+    perplexity_tokens: int = 4096,
 ) -> Report:
     """Benchmark ``method`` on ``dataset`` under ``protocol``.
 
@@ -48,6 +50,8 @@ def run_bench(
         seed: seeds the subset and the method (``config.seed``, unless ``overrides`` sets it).
         overrides: method config overrides (strings are coerced, as for ``--set``).
         out: write the report JSON here; ``plot``: write the retention PNG here (sequential runs).
+        perplexity: sequential runs: a held-out text (file, folder or corpus name) whose perplexity over its first
+            ``perplexity_tokens`` tokens is measured before, at every checkpoint and after the run.
     """
     import lmedit
     from lmedit.core.patch import versions
@@ -60,6 +64,11 @@ def run_bench(
     config = dict(overrides or {})
     config.setdefault("seed", seed)
     log.info("bench: %s on %s, %d cases of %s, protocol %s", method, loaded.name, len(ds), ds.name, protocol)
+    held_out = None
+    if perplexity:
+        from lmedit.evaluate.perplexity import HeldOut
+
+        held_out = HeldOut.from_corpus(loaded, perplexity, n_tokens=perplexity_tokens)
     report = evaluate(
         loaded,
         ds,
@@ -70,6 +79,7 @@ def run_bench(
         config=config,
         settings=settings,
         progress=progress,
+        held_out=held_out,
     )
     report.meta.update(
         {

@@ -215,8 +215,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings=settings,
         out=args.out,
         plot=(args.plot or default_plot_path(args.out)) if sequential_curve else None,
+        perplexity=args.perplexity,
+        perplexity_tokens=args.perplexity_tokens,
     )
     print(report.table())
+    if "perplexity" in report.meta:
+        ppl = report.meta["perplexity"]
+        print(
+            f"perplexity of {ppl['source']} ({ppl['tokens']} tokens): {ppl['pre']:.3f} -> {ppl['post']:.3f}"
+        )
     t = report.meta["timings"]
     print(
         f"\nedit {t['edit_s']:.1f}s, evaluation {t['pre_s'] + t['eval_s']:.1f}s "
@@ -460,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-every", type=int, default=0, metavar="M", help="sequential: evaluate after every M-th step"
     )
+    p.add_argument(
+        "--perplexity",
+        metavar="TEXT",
+        help="sequential: perplexity of this held-out text (file/folder) before, at each checkpoint and after",
+    )
+    p.add_argument("--perplexity-tokens", type=int, default=4096, help="tokens of --perplexity scored (4096)")
     p.add_argument("--scoring", default="tf,prob,gen,text", help="scoring families (default all four)")
     p.add_argument("--text-tokens", type=int, default=40, help="tokens generated for fluency (default 40)")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per teacher-forced forward pass")

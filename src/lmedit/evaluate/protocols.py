@@ -15,6 +15,9 @@
   step's cases alone). A method with sequential state (a ``previous`` config field, e.g. AlphaEdit) gets the
   previous step's patch as ``previous``. Each step records its edit time, the bytes its patch stores, the
   bytes stored by all patches so far and the process's peak resident memory (``meta["edits"]``).
+  With ``held_out`` (``lmedit.evaluate.perplexity.HeldOut``), the perplexity of held-out text is measured on the
+  pristine model, at every retention checkpoint (``retention[i]["perplexity"]``) and after the last step
+  (``meta["perplexity"]``): the general-ability check of lifelong runs.
 
 The frozen pre-edit reference (locality) is always the pristine model, scored once, batched, before any edit.
 Scoring and metrics never import methods; only this module calls ``lmedit.edit``.
@@ -245,6 +248,7 @@ def evaluate(
     config: dict | None = None,
     settings: ScoringSettings | None = None,
     progress: bool = True,
+    held_out=None,
 ) -> Report:
     """Edit and evaluate ``dataset`` with ``method`` under ``protocol``; the model is restored afterwards.
 
@@ -259,6 +263,7 @@ def evaluate(
         config: method config overrides (``seed`` included).
         settings: ScoringSettings.
         progress: show a tqdm bar with ETA.
+        held_out: sequential only: a ``HeldOut`` text whose perplexity is measured before, along and after.
     Returns:
         Report (its ``meta`` lacks model/dataset provenance that ``lmedit.bench`` adds).
     """
@@ -271,6 +276,8 @@ def evaluate(
         raise ValueError(f"k must be >= 1, got {k}")
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {eval_every}")
+    if held_out is not None and protocol != "sequential":
+        raise ValueError("held-out perplexity is measured along sequential runs: use protocol='sequential'")
     cases = list(dataset.cases if isinstance(dataset, Dataset) else dataset)
     if not cases:
         raise ValueError("no cases to evaluate")
@@ -288,6 +295,7 @@ def evaluate(
     pre_scores = score_cases(loaded, cases, settings)
     timings["pre_s"] = time.perf_counter() - t0
     pre_metrics = [case_metrics(c, s, s, settings, idf) for c, s in zip(cases, pre_scores)]
+    perplexity = held_out.describe() | {"pre": held_out.perplexity(loaded)} if held_out is not None else None
 
     post_scores: list[CaseScores | None] = [None] * len(cases)
     edit_info: list[dict] = []
@@ -345,12 +353,16 @@ def evaluate(
                             "first_step": M.aggregate(per[: len(groups[0])]),
                         }
                     )
+                    if held_out is not None:
+                        retention[-1]["perplexity"] = held_out.perplexity(loaded)
             timings["eval_s"] += time.perf_counter() - t2
             start += len(group)
             bar.update(len(group))
         if session is not None:
             t2 = time.perf_counter()
             final = score_cases(loaded, cases, settings)
+            if perplexity is not None:
+                perplexity["post"] = held_out.perplexity(loaded)
             timings["eval_s"] += time.perf_counter() - t2
             post_scores = list(final)
     finally:
@@ -373,6 +385,8 @@ def evaluate(
                 },
             }
         )
+        if perplexity is not None:
+            retention[-1]["perplexity"] = perplexity["post"]
     group_of = [gi for gi, g in enumerate(groups) for _ in g]
     records = [
         _case_record(c, g, a, b, sa, sb)
@@ -400,4 +414,6 @@ def evaluate(
         "edits": edit_info,
         "timings": timings,
     }
+    if perplexity is not None:
+        meta["perplexity"] = perplexity
     return Report(M.aggregate(pre_metrics), M.aggregate(post_metrics), records, meta, retention)
