@@ -134,6 +134,28 @@ def test_batch_methods_reduce_the_residual(loaded, stats_env, method):
     assert after > before
 
 
+def test_memit_templates_key_mode_fits_every_template_key(loaded, stats_env):
+    kw = dict(layers=[1], mom2_update_weight=1e-3, v_steps=4, **stats_env)
+    templates = lmedit.edit(loaded, REQS, method="memit", key_mode="templates", **kw)
+    averaged = lmedit.edit(loaded, REQS, method="memit", **kw)
+    reqs = [lmedit.EditRequest(**r) for r in REQS]
+    keys = compute_keys(loaded, reqs, [1], templates.config["context_templates"]).per_template[
+        1
+    ]  # [n, T, in]
+
+    def spread(patch):  # how far the realised change differs between a request's template keys
+        upd = patch.deltas[0].materialize()
+        upd = upd if upd.shape[1] == keys.shape[-1] else upd.T  # [out, in]
+        got = torch.einsum("oi,nti->nto", upd, keys)  # [n, T, out]
+        return float((got - got.mean(1, keepdim=True)).norm() / got.norm())
+
+    assert spread(templates) < 0.5 * spread(averaged), (spread(templates), spread(averaged))
+    with pytest.raises(ConfigError, match="EMMET"):
+        lmedit.edit(loaded, REQS, method="emmet", key_mode="templates", **stats_env)
+    with pytest.raises(ConfigError, match="PMET"):
+        lmedit.edit(loaded, REQS, method="pmet", key_mode="templates", **stats_env)
+
+
 def test_memit_default_weight_still_moves_towards_target(loaded, stats_env):
     patch = lmedit.edit(loaded, REQS, method="memit", layers=[1, 2], v_steps=4, **stats_env)
     assert patch.info["residual_after"] < patch.info["residual_before"]

@@ -36,6 +36,10 @@ class EMMETConfig(MEMITConfig):
         super().validate()
         if self.gram_damping < 0:
             raise ConfigError(f"gram_damping must be >= 0, got {self.gram_damping}")
+        if self.key_mode != "averaged":
+            raise ConfigError(
+                "key_mode='templates' is not for EMMET (near-collinear equality constraints); use 'averaged'"
+            )
 
 
 PRESETS = {

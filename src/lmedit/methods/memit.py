@@ -7,7 +7,8 @@ For requests i = 1..n and layers l_1 < ... < l_m = L:
 2. For each l in order, with the updates of the layers below already in place (parameter overrides, never
    written to the model): keys K_l [in, n] (template-averaged, ``core.keys``); current h_L at the subject
    token; residual R = (z - h_L) / (number of layers left); Delta_l = R K^T (lam C_l + K K^T)^-1
-   (``core.solvers.least_squares``).
+   (``core.solvers.least_squares``). With ``key_mode="templates"`` K holds every context template's key of
+   every request (weighted 1/sqrt(n_templates), each with its request's residual) instead of their average.
 
 Where the architecture normalises the MLP output before adding it to the residual stream (Gemma 2/3, OLMo 2:
 ``ArchSpec.mlp_post_norm``), a residual-space target is not what the projections deliver: a normalised output
@@ -28,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -53,6 +55,12 @@ class MEMITConfig(LocateEditConfig):
         15000.0, "lam: weight of the preserved-key covariance E[k k^T] against the edits' K K^T."
     )
     clamp_norm_factor: float = hp(0.75, "Clamp |delta| to this multiple of the residual norm |h_L|.")
+    key_mode: Literal["averaged", "templates"] = hp(
+        "averaged",
+        "averaged: one key per request, the template average (MEMIT); templates: every context template's key "
+        "is a column of the least-squares fit with the request's residual (columns weighted 1/n_templates), so "
+        "the update reaches the subject under every context, as ROME's key_mode='templates'.",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -133,9 +141,8 @@ def run_pipeline(
     for i, layer in enumerate(layers):
         name, w, layout = mlp_out_weight(loaded, layer)
         param = loaded.model.get_parameter(name)
-        k = (
-            compute_keys(loaded, requests, [layer], templates, overrides=overrides or None).mean[layer].T
-        )  # [in, n]
+        keyset = compute_keys(loaded, requests, [layer], templates, overrides=overrides or None)
+        k = keyset.mean[layer].T  # [in, n]
         if per_layer_values:
             site = value_sites[i]
             cur = run_sites(loaded, plain, [site], overrides or None, retain="output")[site]
@@ -153,14 +160,20 @@ def run_pipeline(
                 cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]
             gap = z - cur  # [n, d]
             r = (gap / (len(layers) - i)).T  # [out, n]
-        upd = solve(layer, k, r, cov[layer])  # [out, in]
-        keys_used[layer] = k
+        k_fit, r_fit = k, r
+        if config.key_mode == "templates":  # every template's key with its request's residual, weight 1/T
+            per = keyset.per_template[layer]  # [n, T, in]
+            n_t = per.shape[1]
+            k_fit = per.reshape(-1, per.shape[-1]).T / n_t**0.5  # [in, n*T]
+            r_fit = r.repeat_interleave(n_t, dim=1) / n_t**0.5  # [out, n*T]
+        upd = solve(layer, k_fit, r_fit, cov[layer])  # [out, in]
+        keys_used[layer] = k_fit
         per_layer.append(
             {
                 "layer": layer,
                 "residual_before": float(gap.norm(dim=-1).mean()),
                 "update_norm": float(upd.norm()),
-                "fit": float((upd @ k - r).norm() / r.norm().clamp_min(1e-12)),
+                "fit": float((upd @ k_fit - r_fit).norm() / r_fit.norm().clamp_min(1e-12)),
                 "realised": (upd @ k).T,  # [n, out], dropped from info below
             }
         )

@@ -16,6 +16,7 @@ import torch
 from lmedit.config import hp
 from lmedit.core.patch import EditPatch
 from lmedit.core.solvers import least_squares
+from lmedit.errors import ConfigError
 from lmedit.methods.memit import PRESETS as MEMIT_PRESETS
 from lmedit.methods.memit import MEMITConfig, pipeline_patch, resolved_layers, run_pipeline
 from lmedit.registry import register_method
@@ -27,6 +28,13 @@ class PMETConfig(MEMITConfig):
     clamp_norm_factor: float = hp(
         4.0, "Clamp each site's |delta| to this multiple of its original output's norm."
     )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.key_mode != "averaged":
+            raise ConfigError(
+                "key_mode='templates' is not for PMET (its targets are per request); use 'averaged'"
+            )
 
 
 @register_method("pmet", PMETConfig, family="locate-then-edit", presets=MEMIT_PRESETS)
