@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -251,3 +252,28 @@ def test_held_out_perplexity_matches_full_logits_and_tracks_a_sequential_run(tin
     assert held.perplexity(tiny) == before, "the model is restored after the run"
     with pytest.raises(ValueError, match="sequential"):
         evaluate(tiny, load_dataset(str(dataset_file), n=1), "ft-m", held_out=held, progress=False)
+
+
+def test_locality_probes_naming_another_edited_subject_are_dropped(dataset_file):
+    from lmedit.data.loaders import EvalProbe
+    from lmedit.evaluate.protocols import in_scope_locality
+
+    cases = load_dataset(str(dataset_file)).cases  # subjects Eiffel Tower, Danielle Darrieux, BBC One, Toyota
+    cases[0] = dataclasses.replace(
+        cases[0],
+        locality=[
+            EvalProbe("Toyota was founded in the country of", " Japan"),  # edited by case 3
+            EvalProbe("Toyotas are popular in", " Japan"),  # not the subject as a whole word
+            EvalProbe("The Eiffel Tower was built by", " Gustave Eiffel"),  # the case's own subject: kept
+            EvalProbe("The capital of Japan is", " Tokyo"),
+        ],
+    )
+    single, n_single = in_scope_locality(cases, 1, "single")
+    assert n_single == 0 and single[0] is cases[0]
+    batch, n_batch = in_scope_locality(cases, 2, "batch")  # case 3 is in the other group
+    assert n_batch == 0 and len(batch[0].locality) == 4
+    seq, n_seq = in_scope_locality(cases, 1, "sequential")
+    assert n_seq == 1 and [p.prompt for p in seq[0].locality] == [p.prompt for p in cases[0].locality[1:]]
+    assert seq[1:] == cases[1:]
+    together, n_together = in_scope_locality(cases, 4, "batch")
+    assert n_together == 1 and len(together[0].locality) == 3
