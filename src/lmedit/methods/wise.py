@@ -27,10 +27,11 @@ Editing (one patch, requests in order):
   average the entries that agree with it), or averaged (``merge="linear"``).
 * **Threshold.** ``epsilon = act_ratio * min over the chain's edit prompts of act(prompt)``, each activation
   recorded when its own patch was made (with that patch's final side memory), as the paper (and EasyEdit) keep
-  a running minimum. A later patch may lower an earlier edit's activation below epsilon (that edit then loses
-  its routing) but cannot drag epsilon down to the irrelevant prompts' level. (Recomputing every edit's
-  activation with the final memory, as this module did before, guarantees each edit its routing but lets
-  epsilon fall as a chain grows: on Gemma 3 270M locality_tf fell to 0.06 within 25 sequential edits.)
+  a running minimum: O(1) per patch (the patch keeps the minimum, not the chain's prompts). A later patch may
+  lower an earlier edit's activation below epsilon (that edit then loses its routing). An earlier version
+  recomputed every chain edit's activation with the final memory (every edit routed by construction, but
+  O(N) forward passes per patch); in a 100-edit Gemma chain that epsilon rose 7.3 -> 10.5 while the irrelevant
+  prompts' largest activation stayed 1.38, so neither form routes irrelevant prompts there.
 
 Lifelong editing: when the model already carries a WISE wrapper at the chosen projection, training starts from
 its side memory and the patch's adapter *replaces* it (``AdapterSpec.parent``); the patch stores only the rows
