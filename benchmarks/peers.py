@@ -152,6 +152,33 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def print_table(result: dict, peers: list[str]) -> None:
+    """The comparison table (peer / lmedit ratios are added to ``result`` in place)."""
+    ours = result["lmedit"]
+    rows = [("system", "method", "edit s/request", "x lmedit", "stats s", "x lmedit", "peak RSS MiB",
+             "rel_tf", "gen_tf", "loc_tf")]  # fmt: skip
+    for method in ("rome", "memit"):
+        if method not in ours:
+            continue
+        o = ours[method]
+        rows.append(("lmedit", method, _fmt(o["edit_s_per_request"]), "1", _fmt(ours["stats"]["seconds"]), "1",
+                     _fmt(ours["peak_rss_mib_process"]), *(_fmt(o["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
+        for p in peers:
+            r = result.get(p, {}).get(method, {})
+            if "edit_s_per_request" not in r:
+                rows.append((p, method, next(iter(r.values()), "-"), "", "", "", "", "", "", ""))
+                continue
+            r["edit_ratio"] = r["edit_s_per_request"] / o["edit_s_per_request"]
+            if r["stats_s"] and method == "memit":
+                r["stats_ratio"] = r["stats_s"] / ours["stats"]["seconds"]
+            rows.append((p, method, _fmt(r["edit_s_per_request"]), f"{r['edit_ratio']:.1f}x",
+                         _fmt(r["stats_s"]), f"{r['stats_ratio']:.1f}x" if "stats_ratio" in r else "",
+                         _fmt(r["peak_rss_mib_process"]), *(_fmt(r["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -167,7 +194,12 @@ def main() -> int:
     ap.add_argument("--peers", default="easyedit,fastedit", help="comma list, '' for lmedit only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="result JSON (peer logs go beside it)")
+    ap.add_argument("--table", metavar="JSON", help="print the comparison table of a saved result and exit")
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(saved, [p for p in RUNNERS if p in saved])
+        return 0
     args.memit_layers = [int(x) for x in args.memit_layers.split(",")]
     peers = [p for p in args.peers.split(",") if p]
     for p in peers:
@@ -209,29 +241,7 @@ def main() -> int:
                     result.setdefault(p, {})[method] = peer_summary(method, raw)
                     if args.out:  # after every stage, so a late failure keeps what was measured
                         Path(args.out).write_text(json.dumps(result, indent=1))
-    ours = result["lmedit"]
-    rows = [("system", "method", "edit s/request", "x lmedit", "stats s", "x lmedit", "peak RSS MiB",
-             "rel_tf", "gen_tf", "loc_tf")]  # fmt: skip
-    for method in ("rome", "memit"):
-        if method not in ours:
-            continue
-        o = ours[method]
-        rows.append(("lmedit", method, _fmt(o["edit_s_per_request"]), "1", _fmt(ours["stats"]["seconds"]), "1",
-                     _fmt(ours["peak_rss_mib_process"]), *(_fmt(o["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
-        for p in peers:
-            r = result.get(p, {}).get(method, {})
-            if "edit_s_per_request" not in r:
-                rows.append((p, method, next(iter(r.values()), "-"), "", "", "", "", "", "", ""))
-                continue
-            r["edit_ratio"] = r["edit_s_per_request"] / o["edit_s_per_request"]
-            if r["stats_s"] and method == "memit":
-                r["stats_ratio"] = r["stats_s"] / ours["stats"]["seconds"]
-            rows.append((p, method, _fmt(r["edit_s_per_request"]), f"{r['edit_ratio']:.1f}x",
-                         _fmt(r["stats_s"]), f"{r['stats_ratio']:.1f}x" if "stats_ratio" in r else "",
-                         _fmt(r["peak_rss_mib_process"]), *(_fmt(r["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print_table(result, peers)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"written to {args.out}")
