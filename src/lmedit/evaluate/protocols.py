@@ -256,16 +256,11 @@ def in_scope_locality(cases: list[EvalCase], k: int, protocol: str) -> tuple[lis
     scopes = [cases] if protocol == "sequential" else [cases[i : i + k] for i in range(0, len(cases), k)]
     out, dropped = [], 0
     for scope in scopes:
-        subjects = {r.subject for c in scope for r in c.requests}
+        subjects = sorted({r.subject for c in scope for r in c.requests}, key=len, reverse=True)
+        named = re.compile("|".join(rf"(?<!\w){re.escape(x)}(?!\w)" for x in subjects))  # longest first
         for c in scope:
-            others = subjects - {r.subject for r in c.requests}
-            if not others:
-                out.append(c)
-                continue
-            named = re.compile(
-                "|".join(rf"(?<!\w){re.escape(x)}(?!\w)" for x in sorted(others, key=len)[::-1])
-            )
-            keep = [p for p in c.locality if not named.search(p.prompt)]
+            own = {r.subject for r in c.requests}
+            keep = [p for p in c.locality if all(m.group(0) in own for m in named.finditer(p.prompt))]
             dropped += len(c.locality) - len(keep)
             out.append(dataclasses.replace(c, locality=keep) if len(keep) < len(c.locality) else c)
     return out, dropped
