@@ -142,7 +142,9 @@ def peer_summary(method: str, res: dict) -> dict:
         "edit_s_per_request": t["edit_s_median"] if method == "rome" else t["batch_edit_s_per_request"],
         "stats_s": sum(r["seconds"] for r in per_layer) if per_layer else None,
         "stats_layers": [r["layer"] for r in per_layer],
-        "peak_rss_mib_process": res["memory"]["peak_rss_mib_process"],
+        # the runner's process figure is getrusage's ru_maxrss, which Linux carries across exec from this driver
+        # (lmedit's model and statistics): the largest per-request VmHWM is the peer's own peak
+        "peak_rss_mib_process": max(res["memory"]["peak_rss_mib_per_request"] or [float("nan")]),
         "metrics": {ours: post.get(theirs) for ours, theirs in METRIC_NAMES.items()},
         "pre": {ours: res["metrics"]["pre"].get(theirs) for ours, theirs in METRIC_NAMES.items()},
     }
