@@ -42,16 +42,22 @@ def _same(model, snap):
     return all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("key_mode", ["averaged", "original"])
-def test_rome_rank_one_writes_v_star(loaded, stats_env, monkeypatch, key_mode):
-    captured = {}
+@pytest.fixture
+def captured(monkeypatch):
+    """``captured["res"]``: the ValueResult of ROME's last ``optimize_values`` call."""
+    out = {}
     real = rome_mod.optimize_values
 
     def spy(*a, **k):
-        captured["res"] = real(*a, **k)
-        return captured["res"]
+        out["res"] = real(*a, **k)
+        return out["res"]
 
     monkeypatch.setattr(rome_mod, "optimize_values", spy)
+    return out
+
+
+@pytest.mark.parametrize("key_mode", ["averaged", "original"])
+def test_rome_rank_one_writes_v_star(loaded, stats_env, captured, key_mode):
     snap = _snapshot(loaded.model)
     patch = lmedit.edit(loaded, REQS[0], method="rome", layer=1, key_mode=key_mode, v_steps=5, **stats_env)
     assert _same(loaded.model, snap), "ROME mutated the model"
@@ -71,15 +77,7 @@ def test_rome_rank_one_writes_v_star(loaded, stats_env, monkeypatch, key_mode):
     assert _same(loaded.model, snap)
 
 
-def test_rome_templates_key_mode_adds_delta_at_every_template_key(loaded, stats_env, monkeypatch):
-    captured = {}
-    real = rome_mod.optimize_values
-
-    def spy(*a, **k):
-        captured["res"] = real(*a, **k)
-        return captured["res"]
-
-    monkeypatch.setattr(rome_mod, "optimize_values", spy)
+def test_rome_templates_key_mode_adds_delta_at_every_template_key(loaded, stats_env, captured):
     patch = lmedit.edit(
         loaded, REQS[0], method="rome", layer=1, key_mode="templates", key_ridge=0.0, v_steps=5, **stats_env
     )
