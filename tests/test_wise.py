@@ -10,13 +10,18 @@ from lmedit.core.adapters import AdapterSpec, WiseSideMemory, install_adapters, 
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.wise import (
+    HELDOUT_WINDOWS,
     UNRELATED_PROMPTS,
+    _padded,
+    _shard_draws,
     contrast_prompts,
+    corpus_windows,
     merge_shards,
     module_inputs,
     prompt_activation,
     routing_loss,
     ties_merge,
+    window_inputs,
 )
 from lmedit.request import EditRequest
 from tiny_models import REQ, REQ2, reload_scores, same, state, tiny_loaded
@@ -72,6 +77,31 @@ def test_contrast_prompts_put_other_subjects_into_the_edit_template():
     assert got == ["The Big Ben is located in the city of", "The Louvre is located in the city of"]
 
 
+def test_padded_activation_equals_prompt_activation_with_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 5, generator=gen) for n in (3, 1, 4)]
+    delta = torch.randn(5, 2, generator=gen, requires_grad=True)
+    want = prompt_activation(xs, delta)
+    (grad_want,) = torch.autograd.grad(want.sum(), delta)
+    got = torch.linalg.vector_norm(_padded(xs) @ delta, dim=-1).amax(dim=1)
+    (grad_got,) = torch.autograd.grad(got.sum(), delta)
+    assert torch.allclose(got, want) and torch.allclose(grad_got, grad_want)
+    zero = torch.zeros(5, 2, requires_grad=True)  # a fresh side memory: every activation 0, gradients finite
+    (g,) = torch.autograd.grad(torch.linalg.vector_norm(_padded(xs) @ zero, dim=-1).amax(dim=1).sum(), zero)
+    assert torch.isfinite(g).all()
+
+
+def test_shard_draws_are_seeded_by_stream_position():
+    rows, passages = _shard_draws(0, 3, 100, 0.2, 50, 8)
+    again = _shard_draws(0, 3, 100, 0.2, 50, 8)
+    assert torch.equal(rows, again[0]) and torch.equal(passages, again[1])
+    assert rows.numel() == 20 and rows.tolist() == sorted(rows.tolist())
+    assert passages.numel() == 8 and len(set(passages.tolist())) == 8 and max(passages.tolist()) < 50
+    other = _shard_draws(0, 4, 100, 0.2, 50, 8)
+    assert not torch.equal(passages, other[1]), "the next shard of a chain trains against other passages"
+    assert _shard_draws(0, 3, 100, 0.2, 0, 8)[1].numel() == 0
+
+
 def test_routing_loss_margins():
     alpha, beta, gamma = 1.0, 4.0, 2.0
     assert routing_loss(t(5.0), t(0.5, 0.8), alpha, beta, gamma).item() == 0.0
@@ -114,6 +144,21 @@ def test_config_validation(loaded):
         lmedit.edit(loaded, REQ, method="wise", act_margin=[1.0, 2.0])
     with pytest.raises(ConfigError, match="mask_ratio"):
         lmedit.edit(loaded, REQ, method="wise", mask_ratio=0)
+    with pytest.raises(ConfigError, match="irrelevant_pool"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_pool=HELDOUT_WINDOWS)
+    with pytest.raises(ConfigError, match="irrelevant_samples"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_samples=0)
+
+
+def test_corpus_windows_are_full_length_packed_windows_or_a_clear_error(loaded, tmp_path):
+    from lmedit.models import tokens
+
+    (tmp_path / "a.txt").write_text("One short paragraph of text.\n\nAnother, a little longer, about rivers.")
+    prefix = tokens.special_prefix(loaded.tokenizer)
+    win = corpus_windows(loaded, str(tmp_path), 2, len(prefix) + 4)
+    assert win.shape == (2, len(prefix) + 4) and win[:, : len(prefix)].tolist() == [prefix, prefix]
+    with pytest.raises(ConfigError, match="irrelevant_pool=500"):
+        corpus_windows(loaded, str(tmp_path), 500, 8)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +177,9 @@ def test_edit_leaves_model_identical_raises_target_and_routes(loaded, patch):
     assert patch.deltas == [] and spec.kind == "wise" and spec.parent is None
     assert spec.tensors["index"].numel() == round(0.2 * loaded.model.config.intermediate_size)
     assert patch.info["irrelevant_routed_to_side"] == 0
+    assert patch.info["shards"][0]["irrelevant"] == len(IRRELEVANT) + 16 + 4, (
+        "fixed prompts, 16 sampled passages and 4 contrast prompts"
+    )
     x_edit, *x_irr = module_inputs(loaded, spec.module, [REQ["prompt"], *IRRELEVANT])
     before = lp(loaded, [REQ["prompt"], *IRRELEVANT])
     with patch.applied(loaded):
@@ -148,6 +196,26 @@ def test_edit_leaves_model_identical_raises_target_and_routes(loaded, patch):
     assert after[0] > before[0] + 2, (before[0], after[0])
     assert after[1:] == before[1:], "prompts routed to the main memory are unchanged bit for bit"
     assert same(loaded.model, snap)
+
+
+def test_sampled_passages_keep_held_out_text_on_the_main_memory(loaded):
+    """Fixed sentences alone leave ordinary text routed to the side memory; sampled passages do not."""
+    held = corpus_windows(loaded, "gensim-wiki", 1024, 48)[-HELDOUT_WINDOWS:]
+    routed = {}
+    for corpus in (None, "gensim-wiki"):
+        p = lmedit.edit(
+            loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_corpus=corpus,
+            mask_ratio=1.0, steps=60, lr=0.2,
+        )  # fmt: skip
+        spec = p.adapters[0]
+        with p.applied(loaded):
+            delta = loaded.model.get_submodule(spec.module).delta
+            act = prompt_activation(window_inputs(loaded, spec.module, held), delta)
+        routed[corpus] = int((act > spec.config["epsilon"]).sum())
+        if corpus is not None:
+            assert p.info["heldout_routed_to_side"] == routed[corpus], "the patch's own held-out check"
+            assert p.info["edit_activations"][0] > spec.config["epsilon"]
+    assert routed["gensim-wiki"] == 0 and routed[None] > HELDOUT_WINDOWS // 2, routed
 
 
 def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path):
