@@ -103,6 +103,22 @@ def test_batched_requests_are_independent(smol_tok):
     torch.testing.assert_close(both.delta[site][1], alone.delta[site][0], rtol=1e-3, atol=1e-4)
 
 
+def test_stopped_requests_leave_the_batch_and_the_others_are_unaffected(smol_tok):
+    """REQ2 reaches the early-stop loss at step 3, REQ at step 7 (losses measured on this model): from step 4 on
+    only REQ's rows (2 templates + the essence prompt) are computed, and each delta is the one it gets alone."""
+    loaded = tiny_loaded("llama", smol_tok)
+    site = loaded.arch.module_name("mlp_out", 1)
+    kw = dict(steps=10, early_stop=11.6, lr=0.5)
+    both = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
+    assert both.steps == [7, 3]
+    assert both.timing["row_steps"] == 3 * 6 + 4 * 3, "rows of stopped requests are not recomputed"
+    for i, req in enumerate([REQ, REQ2]):
+        alone = optimize_values(loaded, [req], [site], ["{}", "Therefore, {}"], **kw)
+        assert alone.steps == [both.steps[i]]
+        torch.testing.assert_close(both.delta[site][i], alone.delta[site][0], rtol=1e-4, atol=1e-5)
+        assert both.loss[i] == pytest.approx(alone.loss[0], rel=1e-5)
+
+
 def test_subject_at_start_without_prefix(smol_tok):
     """GPT-2-style tokenizers add no BOS: a subject at position 0 leaves an empty prefix for the plain prompt."""
     loaded = tiny_loaded("gpt2", smol_tok)

@@ -141,13 +141,20 @@ class PrefixLayout:
     suf_pos: torch.Tensor
     mask: torch.Tensor
 
-    def to(self, device) -> PrefixLayout:
+    def _map(self, fn) -> PrefixLayout:
         return PrefixLayout(
             *(
-                t.to(device)
+                fn(t)
                 for t in (self.pre_ids, self.pre_pos, self.pre_mask, self.suf_ids, self.suf_pos, self.mask)
             )
         )
+
+    def to(self, device) -> PrefixLayout:
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows: torch.Tensor) -> PrefixLayout:
+        """The layout of ``rows`` only (a prefix cache of it: ``cache.batch_select_indices(rows)``)."""
+        return self._map(lambda t: t[rows])
 
 
 def prefix_layout(

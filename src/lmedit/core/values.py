@@ -21,7 +21,8 @@ flow only from the site's layer upward (nothing below it depends on the delta), 
 with a stopping Trace (the LM head never runs on the whole sequence), and logits are computed only at target
 positions and the essence prompts' last positions. Requests are optimised together in one batch (their deltas
 are independent: the summed loss gives each its own gradient), each stopping when its loss is below
-``early_stop``.
+``early_stop``; a stopped request's rows leave the batch (its layout rows and prefix cache entries are dropped),
+so later steps cost only what the requests still running need.
 """
 
 from __future__ import annotations
@@ -178,25 +179,42 @@ def _optimize_chunk(
     layout = prefix_layout(
         [r.ids[: r.subject] for r in rows], [r.ids[r.subject :] for r in rows], tokens.pad_id(tok)
     ).to(device)
-    # target positions (in suffix coordinates) and the essence prompts' last positions
-    t_row, t_pos, t_tok = [], [], []
-    for i, r in enumerate(rows):
-        for pos, tid in r.targets:
-            t_row.append(i)
-            t_pos.append(pos - r.subject)
-            t_tok.append(tid)
-    t_row_t = torch.tensor(t_row, device=device)
-    t_pos_t = torch.tensor(t_pos, device=device)
-    t_tok_t = torch.tensor(t_tok, device=device)
-    kl_rows = [i for i, r in enumerate(rows) if r.kl]
-    kl_row_t = torch.tensor(kl_rows, dtype=torch.long, device=device)
-    kl_pos_t = torch.tensor([len(rows[i].ids) - 1 - rows[i].subject for i in kl_rows], device=device)
-    row_req = torch.tensor([r.req for r in rows], device=device)  # [n_rows]
-    tok_req = row_req[t_row_t]  # [n_target_tokens]
-    # per-row weight so each template prompt's NLL is a mean over its target tokens, then a mean over templates
     n_tmpl = len(templates)
-    tok_w = torch.tensor([1.0 / (len(rows[i].targets) * n_tmpl) for i in t_row], device=device)
     plain_rows = [i for i, r in enumerate(rows) if r.plain]
+
+    def index(keep: list[int]) -> dict[str, torch.Tensor]:
+        """Gather indices for the batch made of the rows ``keep`` (in that order): target positions (in suffix
+        coordinates), token ids, owning requests and weights, and the essence prompts' last positions."""
+        t_row, t_pos, t_tok, t_w = [], [], [], []
+        for j, i in enumerate(keep):
+            for pos, tid in rows[i].targets:
+                t_row.append(j)
+                t_pos.append(pos - rows[i].subject)
+                t_tok.append(tid)
+                # each template prompt's NLL is a mean over its target tokens, then a mean over templates
+                t_w.append(1.0 / (len(rows[i].targets) * n_tmpl))
+        kl = [j for j, i in enumerate(keep) if rows[i].kl]
+        row_req = torch.tensor([rows[i].req for i in keep], device=device)  # [n_rows]
+        t_row_t = torch.tensor(t_row, dtype=torch.long, device=device)
+        kl_t = torch.tensor(kl, dtype=torch.long, device=device)
+        return {
+            "row_req": row_req,
+            "t_row": t_row_t,
+            "t_pos": torch.tensor(t_pos, dtype=torch.long, device=device),
+            "t_tok": torch.tensor(t_tok, dtype=torch.long, device=device),
+            "t_w": torch.tensor(t_w, device=device),
+            "tok_req": row_req[t_row_t],
+            "kl_row": kl_t,
+            "kl_pos": torch.tensor(
+                [len(rows[keep[j]].ids) - 1 - rows[keep[j]].subject for j in kl],
+                dtype=torch.long,
+                device=device,
+            ),
+            "kl_req": row_req[kl_t],
+        }
+
+    keep = list(range(len(rows)))  # the batch's rows (indices into ``rows``), in batch order
+    ix = index(keep)
 
     # ---- prefix pass: once, cached
     t0 = time.perf_counter()
@@ -212,7 +230,7 @@ def _optimize_chunk(
         if state["capture"]:
             init[name] = h[plain_rows, 0].detach().float()
             return output
-        d = d_sites[name][row_req].to(h.dtype)  # [rows, d]
+        d = d_sites[name][ix["row_req"]].to(h.dtype)  # [rows, d]
         h = torch.cat([h[:, :1] + d[:, None], h[:, 1:]], dim=1)
         return _replace_first(output, h)
 
@@ -226,38 +244,53 @@ def _optimize_chunk(
     state["capture"] = False
     for s in sites:
         d_sites[s] = torch.zeros(n_req, init[s].shape[-1], device=device, requires_grad=True)
-    ref_kl = None
-    if len(kl_rows):
-        logits0 = final_logits(model, arch, hidden0[kl_row_t, kl_pos_t]).float()
-        ref_kl = torch.log_softmax(logits0, -1)  # [n_req, vocab]
+    ref_kl = torch.zeros(n_req, 0, device=device)  # [n_req, vocab] in request order (one essence row each)
+    if len(ix["kl_row"]):
+        logits0 = final_logits(model, arch, hidden0[ix["kl_row"], ix["kl_pos"]]).float()
+        ref_kl = torch.log_softmax(logits0, -1)
     init_norm = {s: init[s].norm(dim=-1).clamp_min(1e-8) for s in sites}  # [n_req]
     opt = torch.optim.Adam(list(d_sites.values()), lr=lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps_taken = [0] * n_req
     last_loss = torch.zeros(n_req)
     last_nll = torch.zeros(n_req)
+    row_count = 0  # row-steps actually computed (the compacted batch's size summed over steps)
 
     t1 = time.perf_counter()
     for step in range(steps):
         hidden = forward()
-        logits = final_logits(model, arch, hidden[t_row_t, t_pos_t]).float()  # [n_tok, vocab]
-        lp = torch.log_softmax(logits, -1).gather(1, t_tok_t[:, None])[:, 0]
-        nll = torch.zeros(n_req, device=device).index_add(0, tok_req, -lp * tok_w)  # [n_req]
+        row_count += hidden.shape[0]
+        logits = final_logits(model, arch, hidden[ix["t_row"], ix["t_pos"]]).float()  # [n_tok, vocab]
+        lp = torch.log_softmax(logits, -1).gather(1, ix["t_tok"][:, None])[:, 0]
+        nll = torch.zeros(n_req, device=device).index_add(0, ix["tok_req"], -lp * ix["t_w"])  # [n_req]
         loss = nll.clone()
-        if ref_kl is not None:
-            kl_lp = torch.log_softmax(final_logits(model, arch, hidden[kl_row_t, kl_pos_t]).float(), -1)
-            kl = (ref_kl.exp() * (ref_kl - kl_lp)).sum(-1)  # [n_req], KL(orig || edited)
-            loss = loss + kl_factor * kl  # one essence prompt per request, in request order
+        if len(ix["kl_row"]):
+            kl_lp = torch.log_softmax(
+                final_logits(model, arch, hidden[ix["kl_row"], ix["kl_pos"]]).float(), -1
+            )
+            ref = ref_kl[ix["kl_req"]]
+            kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n_kl], KL(orig || edited)
+            loss = loss.index_add(0, ix["kl_req"], kl_factor * kl)
         for s in sites:
             loss = loss + weight_decay * d_sites[s].norm(dim=-1) / init_norm[s] ** 2
-        last_loss = loss.detach().cpu()
-        last_nll = nll.detach().cpu()
+        was = active.cpu().clone()
+        last_loss[was] = loss.detach().cpu()[was]
+        last_nll[was] = nll.detach().cpu()[was]
         for i in range(n_req):
-            if active[i]:
+            if was[i]:
                 steps_taken[i] = step + 1
         active &= loss.detach() >= early_stop
         if not active.any() or step == steps - 1:
             break
+        if bool((active.cpu() != was).any()):
+            # requests stopped: drop their rows from the batch (layout, prefix cache, gather indices)
+            keep_mask = active[ix["row_req"]]  # [current rows]
+            keep_local = keep_mask.nonzero()[:, 0]
+            layout = layout.select(keep_local)
+            if cache is not None:
+                cache.batch_select_indices(keep_local)
+            keep = [keep[j] for j in keep_local.tolist()]
+            ix = index(keep)
         opt.zero_grad()
         loss[active].sum().backward()
         frozen = {s: d_sites[s].detach()[~active].clone() for s in sites}
@@ -271,6 +304,7 @@ def _optimize_chunk(
                 d.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
     timing["steps_s"] += time.perf_counter() - t1
     timing["step_count"] += max(steps_taken)
+    timing["row_steps"] = timing.get("row_steps", 0) + row_count
     log.info(
         "values: %d request(s), loss %s after %s steps",
         n_req,
