@@ -78,6 +78,15 @@ def test_cache_hit_miss_and_provenance(loaded, corpus_file, tmp_path, monkeypatc
     again = key_stats(loaded, [1], corpus_file, n_tokens=200, seq_len=32, cache_root=root)
     assert not calls and torch.equal(again[1].mom2, first[1].mom2)
     monkeypatch.undo()
+    # refresh: recomputed (a forward pass) although cached, same result, the cache file rewritten
+    files[0].write_text(json.dumps(prov | {"marker": 1}))
+    counted = []
+    real_forward = loaded.model.forward
+    monkeypatch.setattr(loaded.model, "forward", lambda *a, **k: counted.append(1) or real_forward(*a, **k))
+    fresh = key_stats(loaded, [1], corpus_file, n_tokens=200, seq_len=32, cache_root=root, refresh=True)
+    monkeypatch.undo()
+    assert counted and torch.equal(fresh[1].mom2, first[1].mom2)
+    assert "marker" not in json.loads(files[0].read_text()) and len(sorted(root.rglob("*.json"))) == 1
     # miss: another token count, another sequence length, another corpus version, another model
     key_stats(loaded, [1], corpus_file, n_tokens=100, seq_len=32, cache_root=root)
     key_stats(loaded, [1], corpus_file, n_tokens=200, seq_len=16, cache_root=root)

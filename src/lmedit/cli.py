@@ -254,6 +254,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         cache=not args.no_cache,
         progress=True,
+        refresh=args.refresh,
     )
     for layer, st in sorted(stats.items()):
         prov = st.provenance
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not write the cache")
+    p.add_argument("--refresh", action="store_true", help="recompute and overwrite the cached statistics")
     p.set_defaults(fn=cmd_stats)
 
     p = sub.add_parser("bench", help="edit and evaluate a dataset under one protocol, save a report")

@@ -189,6 +189,7 @@ def key_stats(
     cache_root: str | Path | None = None,
     checkpoint_every: int = 25,
     progress: bool = True,
+    refresh: bool = False,
 ) -> dict[int, KeyStats]:
     """E[k k^T] of the MLP-output-projection inputs of ``layers``, from cache or from one corpus pass.
 
@@ -206,6 +207,8 @@ def key_stats(
         cache: read and write the on-disk cache (``cache_root`` or ``cache_dir()/stats``).
         checkpoint_every: batches between resumable checkpoints (0: never).
         progress: show a progress bar.
+        refresh: with ``cache``, recompute from the start even when cached (or partial) statistics exist, and
+            overwrite them (a timed pass that also fills the cache).
 
     Returns:
         ``{layer: KeyStats}``.
@@ -236,7 +239,7 @@ def key_stats(
     }
     out: dict[int, KeyStats] = {}
     for layer in layers:
-        hit = _load(paths[layer]) if cache else None
+        hit = _load(paths[layer]) if cache and not refresh else None
         if hit is not None:
             t, meta = hit
             log.info("statistics for %s: cache hit %s", modules[layer], paths[layer])
@@ -251,7 +254,7 @@ def key_stats(
     # running sums, per layer: sum k k^T [d, d], sum k [d], count, sequences consumed
     sums: dict[int, dict] = {}
     for layer in todo:
-        part = _load(Path(str(paths[layer]) + ".partial")) if cache else None
+        part = _load(Path(str(paths[layer]) + ".partial")) if cache and not refresh else None
         if part is not None:
             t, meta = part
             sums[layer] = {
