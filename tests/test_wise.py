@@ -12,6 +12,7 @@ from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.wise import (
     HELDOUT_WINDOWS,
     UNRELATED_PROMPTS,
+    MeanSquareActivation,
     _padded,
     _shard_draws,
     contrast_prompts,
@@ -89,6 +90,18 @@ def test_padded_activation_equals_prompt_activation_with_its_gradient():
     zero = torch.zeros(5, 2, requires_grad=True)  # a fresh side memory: every activation 0, gradients finite
     (g,) = torch.autograd.grad(torch.linalg.vector_norm(_padded(xs) @ zero, dim=-1).amax(dim=1).sum(), zero)
     assert torch.isfinite(g).all()
+
+
+def test_mean_square_activation_is_the_mean_over_keys():
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(50, 6, generator=gen, dtype=torch.float64)  # 50 key vectors x, d_in 6
+    start = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    index = torch.tensor([1, 4])
+    rows = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    delta = start.index_add(0, index, rows)
+    want = (keys @ delta).pow(2).sum(-1).mean()
+    got = MeanSquareActivation(keys.T @ keys / 50, start, index)(rows)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
 
 
 def test_shard_draws_are_seeded_by_stream_position():

@@ -193,7 +193,7 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
     for r in requests:
         enc, x, earlier = _prompt_key(loaded, path, r.prompt_text, r.target_new)
         contrast = [r.template.replace("{}", s) for s in config.contrast_subjects if s != r.subject]
-        contrast_keys = [_prompt_key(loaded, path, t, r.target_new)[1] for t in contrast]
+        contrast_keys = _last_token_inputs(loaded, path, contrast, r.target_new)  # [n_contrast, d_in]
         with torch.no_grad():
             out0 = base_mod(x[None, None])[0, 0]  # [d_out]
         if book is None:
@@ -201,8 +201,8 @@ def run_grace(loaded, requests: list[EditRequest], config: GraceConfig) -> EditP
         label = r.target_new.strip()
         action, idx, dist = update_codebook(book, x, out0, label, config.epsilon)
         entry = {"action": action, "index": idx, "distance": dist, "codebook_size": len(book)}
-        if contrast_keys and action != "expand":
-            d_contrast = float(torch.linalg.vector_norm(torch.stack(contrast_keys) - x[None], dim=-1).min())
+        if len(contrast_keys) and action != "expand":
+            d_contrast = float(torch.linalg.vector_norm(contrast_keys - x[None], dim=-1).min())
             bound = config.contrast_fraction * d_contrast
             book.epsilons[idx] = min(float(book.epsilons[idx]), bound)
             entry.update(contrast_distance=d_contrast, radius=float(book.epsilons[idx]))
@@ -248,6 +248,17 @@ def _prompt_key(loaded, path: str, prompt: str, target: str):
     with torch.no_grad(), Trace(loaded.model, path, retain_input=True, stop=True) as tr:
         loaded.model(input_ids=ids, use_cache=False)
     return enc, tr.input[0, pos], tr.input[0, :pos]
+
+
+def _last_token_inputs(loaded, path: str, prompts: list[str], target: str) -> torch.Tensor:
+    """Input of module ``path`` at each prompt's last token (as ``_prompt_key``), one batched pass [n, d_in]."""
+    if not prompts:
+        return torch.zeros(0)
+    batch = tokens.pair_batch(loaded.tokenizer, prompts, [target] * len(prompts)).to(loaded.device)
+    last = torch.tensor([n - 1 for n in batch.prompt_lens], device=loaded.device)
+    with torch.no_grad(), Trace(loaded.model, path, retain_input=True, stop=True) as tr:
+        loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return tr.input[torch.arange(len(prompts), device=loaded.device), last]
 
 
 def _train_value(

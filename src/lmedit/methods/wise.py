@@ -356,6 +356,28 @@ def _shard_draws(
     return rows, passages
 
 
+class MeanSquareActivation:
+    """``E[||x delta||^2] = tr(delta^T E[x x^T] delta)`` for ``delta = start`` plus ``rows`` added at ``index``.
+
+    Quadratic in the trainable rows: ``q0 + 2 <rows, (M start)[index]> + <rows, M[index, index] rows>``, with
+    the constant parts computed once.
+
+    Args:
+        mom2: E[x x^T] [d_in, d_in] of the projection's inputs (key statistics).
+        start: [d_in, d_out] the side memory before this shard.
+        index: [r] the rows the shard trains.
+    """
+
+    def __init__(self, mom2: torch.Tensor, start: torch.Tensor, index: torch.Tensor):
+        m_start = mom2 @ start  # [d_in, d_out]
+        self.q0 = float((start * m_start).sum())
+        self.cross = m_start[index]  # [r, d_out]
+        self.block = mom2[index][:, index]  # [r, r]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.q0 + 2 * (rows * self.cross).sum() + (rows * (self.block @ rows)).sum()
+
+
 def _padded(xs: list[torch.Tensor]) -> torch.Tensor:
     """Per-prompt inputs [n_i, d_in] stacked into [P, max n_i, d_in], zero rows as padding.
 
@@ -544,13 +566,7 @@ def _train_shard(
     fixed_e, fixed_n = pad_e @ start, pad_n @ start  # [P, n, d_out]: the untrained part of x @ delta
     sub_e, sub_n = pad_e[..., idx], pad_n[..., idx]  # [P, n, r]
 
-    if mom2 is not None:
-        m2 = mom2.to(device)
-        cs_idx, c_ii = (m2 @ start)[idx], m2[idx][:, idx]  # [r, d_out], [r, r]
-        base_q = float((start * (m2 @ start)).sum())
-
-    def mean_sq() -> torch.Tensor:  # E||x delta||^2 / scale^2 for delta = start + rows at idx
-        return base_q + 2 * (rows * cs_idx).sum() + (rows * (c_ii @ rows)).sum()
+    mean_sq = MeanSquareActivation(mom2.to(device), start, idx) if mom2 is not None else None
 
     def activation(fixed: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:  # [P], prompt_activation's
         return torch.linalg.vector_norm(fixed + sub @ rows, dim=-1).amax(dim=1)
@@ -565,8 +581,8 @@ def _train_shard(
             act_e = activation(fixed_e, sub_e)  # [n_e]
             act_i = activation(fixed_n, sub_n)  # [n_i]
             act_loss = routing_loss(act_e, act_i, *margins)
-            if mom2 is not None:
-                q = mean_sq()
+            if mean_sq is not None:
+                q = mean_sq(rows)
                 entry["mean_sq"] = q.item()
                 act_loss = act_loss + config.cov_weight * q
             separation = (act_e.min() - act_i.max()).item()
@@ -593,6 +609,7 @@ __all__ = [
     "CONTRAST_SUBJECTS",
     "UNRELATED_PROMPTS",
     "HELDOUT_WINDOWS",
+    "MeanSquareActivation",
     "contrast_prompts",
     "corpus_windows",
     "edit_prompt",
