@@ -591,7 +591,7 @@ def _train_shard(
             entry.update(
                 steps=step + 1, nll_last=nll.item(), act_loss_last=act_loss.item(), separation=separation
             )
-            if nll.item() < config.early_stop_loss and act_loss.item() == 0:
+            if (nll.item() < config.early_stop_loss and act_loss.item() == 0) or step == config.steps - 1:
                 break
             opt.zero_grad()
             (nll + act_loss).backward()
