@@ -119,6 +119,37 @@ def test_stopped_requests_leave_the_batch_and_the_others_are_unaffected(smol_tok
         assert both.loss[i] == pytest.approx(alone.loss[0], rel=1e-5)
 
 
+def test_layers_below_the_site_replay_without_changing_the_values(loaded, monkeypatch):
+    """Replaying the layers below the site (and dropping a stopped request's rows from the replay) gives the
+    deltas that recomputing every layer at every step gives."""
+    import contextlib
+
+    import lmedit.core.values as values
+    from lmedit.core.forward import Replay
+
+    site = loaded.arch.module_name("mlp_out", 2)
+    kw = dict(steps=6, early_stop=0.0, lr=0.5)
+    calls = []
+    inner = loaded.model.get_submodule(loaded.arch.module_name("mlp_out", 0))  # runs only if layer 0 computes
+    handle = inner.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        replayed = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
+    finally:
+        handle.remove()
+    assert len(calls) == 2, "layer 0 runs in the prefix pass and the first suffix pass only"
+    monkeypatch.setattr(values, "replay_below", lambda *a: contextlib.nullcontext(Replay()))
+    full = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
+    assert torch.equal(replayed.delta[site], full.delta[site])
+    # with a request stopping early, the replay keeps the remaining rows
+    mid = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **dict(kw, steps=3)).loss
+    kw_stop = dict(kw, early_stop=sum(mid) / 2)  # one request stops by step 3, the other runs on
+    recomputed = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw_stop)
+    monkeypatch.undo()
+    replayed_stop = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw_stop)
+    assert recomputed.steps == replayed_stop.steps and min(recomputed.steps) <= 3 < max(recomputed.steps)
+    torch.testing.assert_close(replayed_stop.delta[site], recomputed.delta[site], rtol=1e-4, atol=1e-5)
+
+
 def test_subject_at_start_without_prefix(smol_tok):
     """GPT-2-style tokenizers add no BOS: a subject at position 0 leaves an empty prefix for the plain prompt."""
     loaded = tiny_loaded("gpt2", smol_tok)

@@ -48,19 +48,43 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+class Replay:
+    """What ``replay_below`` recorded; ``select(rows)`` keeps only some rows of the batch for later passes."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[int, object] = {}
+        self.shapes: dict[int, torch.Size | None] = {}
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Later passes run only ``rows`` of the recorded batch (their inputs must be those rows)."""
+
+        def pick(x, n: int):
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+                return x[rows]
+            if isinstance(x, tuple):
+                return tuple(pick(y, n) for y in x)
+            return x
+
+        for i, shape in self.shapes.items():
+            if shape is not None:
+                self.recorded[i] = pick(self.recorded[i], shape[0])
+                self.shapes[i] = torch.Size([len(rows), *shape[1:]])
+
+
 @contextlib.contextmanager
-def replay_below(model: nn.Module, arch: ArchSpec, layer: int) -> Iterator[None]:
+def replay_below(model: nn.Module, arch: ArchSpec, layer: int) -> Iterator[Replay]:
     """Inside the block, decoder layers below ``layer`` compute once and then replay their outputs.
 
     For training loops that run the same inputs at every step and change nothing below ``layer`` (an adapter or
-    side memory at ``layer`` is trained; the model's weights are fixed): the first forward pass in the block runs
-    every layer and records what each layer ``< layer`` returns (without autograd: nothing below ``layer`` has a
-    trainable input); later passes get those outputs back without computing them, so each step costs only the
-    layers from ``layer`` up. Every pass must use the same inputs: the hidden states' shape is checked.
+    side memory at ``layer`` is trained, or a value added there is optimised; the model's weights are fixed):
+    the first forward pass in the block runs every layer and records what each layer ``< layer`` returns
+    (without autograd: nothing below ``layer`` has a trainable input); later passes get those outputs back
+    without computing them, so each step costs only the layers from ``layer`` up. Every pass must use the same
+    inputs (the hidden states' shape is checked), or the rows kept by the yielded ``Replay.select``.
     """
     blocks = list(get_submodule(model, arch.layers))[:layer]
-    recorded: dict[int, object] = {}
-    shapes: dict[int, torch.Size] = {}
+    replay = Replay()
+    recorded, shapes = replay.recorded, replay.shapes
 
     def replaying(i: int, block: nn.Module):
         original = block.forward
@@ -85,13 +109,22 @@ def replay_below(model: nn.Module, arch: ArchSpec, layer: int) -> Iterator[None]
     for i, block in enumerate(blocks):
         block.forward = replaying(i, block)
     try:
-        yield
+        yield replay
     finally:
         for block, prev in zip(blocks, before):
             if prev is None:
                 del block.forward  # the class's forward is back
             else:
                 block.forward = prev
+
+
+def site_layer(arch: ArchSpec, name: str) -> int | None:
+    """Decoder layer index of module ``name`` (``"model.layers.5.mlp.down_proj"`` -> 5), None outside layers."""
+    prefix = arch.layers + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def final_hidden(

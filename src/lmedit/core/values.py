@@ -22,7 +22,8 @@ with a stopping Trace (the LM head never runs on the whole sequence), and logits
 positions and the essence prompts' last positions. Requests are optimised together in one batch (their deltas
 are independent: the summed loss gives each its own gradient), each stopping when its loss is below
 ``early_stop``; a stopped request's rows leave the batch (its layout rows and prefix cache entries are dropped),
-so later steps cost only what the requests still running need.
+so later steps cost only what the requests still running need. The decoder layers below the lowest site see
+no delta: they run in the first pass and replay their outputs at every step (``core.forward.replay_below``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmedit.core.forward import prefix_layout, run_prefix, run_suffix
+from lmedit.core.forward import prefix_layout, replay_below, run_prefix, run_suffix, site_layer
 from lmedit.core.hooks import TraceDict
 from lmedit.models import tokens
 from lmedit.models.arch import final_logits
@@ -238,70 +239,76 @@ def _optimize_chunk(
         with TraceDict(model, sites, retain_output=False, edit_output=edit):
             return run_suffix(model, arch, layout, cache, overrides)  # [rows, S, d_model]
 
-    # a first forward without deltas: the sites' original outputs (init) and the essence reference
-    with torch.no_grad():
-        hidden0 = forward()
-    state["capture"] = False
-    for s in sites:
-        d_sites[s] = torch.zeros(n_req, init[s].shape[-1], device=device, requires_grad=True)
-    ref_kl = torch.zeros(n_req, 0, device=device)  # [n_req, vocab] in request order (one essence row each)
-    if len(ix["kl_row"]):
-        logits0 = final_logits(model, arch, hidden0[ix["kl_row"], ix["kl_pos"]]).float()
-        ref_kl = torch.log_softmax(logits0, -1)
-    init_norm = {s: init[s].norm(dim=-1).clamp_min(1e-8) for s in sites}  # [n_req]
-    opt = torch.optim.Adam(list(d_sites.values()), lr=lr)
-    active = torch.ones(n_req, dtype=torch.bool, device=device)
-    steps_taken = [0] * n_req
-    last_loss = torch.zeros(n_req)
-    last_nll = torch.zeros(n_req)
-    row_count = 0  # row-steps actually computed (the compacted batch's size summed over steps)
-
-    t1 = time.perf_counter()
-    for step in range(steps):
-        hidden = forward()
-        row_count += hidden.shape[0]
-        logits = final_logits(model, arch, hidden[ix["t_row"], ix["t_pos"]]).float()  # [n_tok, vocab]
-        lp = torch.log_softmax(logits, -1).gather(1, ix["t_tok"][:, None])[:, 0]
-        nll = torch.zeros(n_req, device=device).index_add(0, ix["tok_req"], -lp * ix["t_w"])  # [n_req]
-        loss = nll.clone()
-        if len(ix["kl_row"]):
-            kl_lp = torch.log_softmax(
-                final_logits(model, arch, hidden[ix["kl_row"], ix["kl_pos"]]).float(), -1
-            )
-            ref = ref_kl[ix["kl_req"]]
-            kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n_kl], KL(orig || edited)
-            loss = loss.index_add(0, ix["kl_req"], kl_factor * kl)
-        for s in sites:
-            loss = loss + weight_decay * d_sites[s].norm(dim=-1) / init_norm[s] ** 2
-        was = active.cpu().clone()
-        last_loss[was] = loss.detach().cpu()[was]
-        last_nll[was] = nll.detach().cpu()[was]
-        for i in range(n_req):
-            if was[i]:
-                steps_taken[i] = step + 1
-        active &= loss.detach() >= early_stop
-        if not active.any() or step == steps - 1:
-            break
-        if bool((active.cpu() != was).any()):
-            # requests stopped: drop their rows from the batch (layout, prefix cache, gather indices)
-            keep_mask = active[ix["row_req"]]  # [current rows]
-            keep_local = keep_mask.nonzero()[:, 0]
-            layout = layout.select(keep_local)
-            if cache is not None:
-                cache.batch_select_indices(keep_local)
-            keep = [keep[j] for j in keep_local.tolist()]
-            ix = index(keep)
-        opt.zero_grad()
-        loss[active].sum().backward()
-        frozen = {s: d_sites[s].detach()[~active].clone() for s in sites}
-        opt.step()
+    # layers below the lowest site see no delta: they compute in the first pass and replay after
+    low = min(site_layer(arch, s) or 0 for s in sites)
+    with replay_below(model, arch, low) as replay:
+        # a first forward without deltas: the sites' original outputs (init) and the essence reference
         with torch.no_grad():
+            hidden0 = forward()
+        state["capture"] = False
+        for s in sites:
+            d_sites[s] = torch.zeros(n_req, init[s].shape[-1], device=device, requires_grad=True)
+        ref_kl = torch.zeros(
+            n_req, 0, device=device
+        )  # [n_req, vocab] in request order (one essence row each)
+        if len(ix["kl_row"]):
+            logits0 = final_logits(model, arch, hidden0[ix["kl_row"], ix["kl_pos"]]).float()
+            ref_kl = torch.log_softmax(logits0, -1)
+        init_norm = {s: init[s].norm(dim=-1).clamp_min(1e-8) for s in sites}  # [n_req]
+        opt = torch.optim.Adam(list(d_sites.values()), lr=lr)
+        active = torch.ones(n_req, dtype=torch.bool, device=device)
+        steps_taken = [0] * n_req
+        last_loss = torch.zeros(n_req)
+        last_nll = torch.zeros(n_req)
+        row_count = 0  # row-steps actually computed (the compacted batch's size summed over steps)
+
+        t1 = time.perf_counter()
+        for step in range(steps):
+            hidden = forward()
+            row_count += hidden.shape[0]
+            logits = final_logits(model, arch, hidden[ix["t_row"], ix["t_pos"]]).float()  # [n_tok, vocab]
+            lp = torch.log_softmax(logits, -1).gather(1, ix["t_tok"][:, None])[:, 0]
+            nll = torch.zeros(n_req, device=device).index_add(0, ix["tok_req"], -lp * ix["t_w"])  # [n_req]
+            loss = nll.clone()
+            if len(ix["kl_row"]):
+                kl_lp = torch.log_softmax(
+                    final_logits(model, arch, hidden[ix["kl_row"], ix["kl_pos"]]).float(), -1
+                )
+                ref = ref_kl[ix["kl_req"]]
+                kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n_kl], KL(orig || edited)
+                loss = loss.index_add(0, ix["kl_req"], kl_factor * kl)
             for s in sites:
-                d = d_sites[s]
-                d[~active] = frozen[s]
-                limit = clamp * init_norm[s]  # [n_req]
-                norm = d.norm(dim=-1).clamp_min(1e-12)
-                d.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
+                loss = loss + weight_decay * d_sites[s].norm(dim=-1) / init_norm[s] ** 2
+            was = active.cpu().clone()
+            last_loss[was] = loss.detach().cpu()[was]
+            last_nll[was] = nll.detach().cpu()[was]
+            for i in range(n_req):
+                if was[i]:
+                    steps_taken[i] = step + 1
+            active &= loss.detach() >= early_stop
+            if not active.any() or step == steps - 1:
+                break
+            if bool((active.cpu() != was).any()):
+                # requests stopped: drop their rows from the batch (layout, prefix cache, gather indices)
+                keep_mask = active[ix["row_req"]]  # [current rows]
+                keep_local = keep_mask.nonzero()[:, 0]
+                layout = layout.select(keep_local)
+                if cache is not None:
+                    cache.batch_select_indices(keep_local)
+                replay.select(keep_local)
+                keep = [keep[j] for j in keep_local.tolist()]
+                ix = index(keep)
+            opt.zero_grad()
+            loss[active].sum().backward()
+            frozen = {s: d_sites[s].detach()[~active].clone() for s in sites}
+            opt.step()
+            with torch.no_grad():
+                for s in sites:
+                    d = d_sites[s]
+                    d[~active] = frozen[s]
+                    limit = clamp * init_norm[s]  # [n_req]
+                    norm = d.norm(dim=-1).clamp_min(1e-12)
+                    d.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
     timing["steps_s"] += time.perf_counter() - t1
     timing["step_count"] += max(steps_taken)
     timing["row_steps"] = timing.get("row_steps", 0) + row_count
