@@ -87,6 +87,20 @@ def test_edit_raises_target_and_leaves_unrelated_prompts_identical(loaded, patch
     assert same(loaded.model, snap)
 
 
+def test_batched_contrast_keys_equal_one_prompt_at_a_time(loaded, patch):
+    from lmedit.methods.grace import _last_token_inputs, _prompt_key
+
+    path = patch.adapters[0].module
+    prompts = [
+        REQ["prompt"].replace("Eiffel Tower", s) for s in ("Big Ben", "the Statue of Liberty in New York")
+    ]
+    lens = [len(_prompt_key(loaded, path, t, " Rome")[0].ids) for t in prompts]
+    assert lens[0] != lens[1], "right padding is exercised"
+    batched = _last_token_inputs(loaded, path, prompts, " Rome")
+    for row, t in zip(batched, prompts):
+        torch.testing.assert_close(row, _prompt_key(loaded, path, t, " Rome")[1], rtol=1e-5, atol=1e-6)
+
+
 def test_radius_is_bounded_by_the_nearest_contrast_key(loaded, patch):
     from lmedit.methods.grace import _prompt_key
 

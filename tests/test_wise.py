@@ -13,7 +13,7 @@ from lmedit.methods.wise import (
     HELDOUT_WINDOWS,
     UNRELATED_PROMPTS,
     MeanSquareActivation,
-    _padded,
+    ShardActivations,
     _shard_draws,
     contrast_prompts,
     corpus_windows,
@@ -78,17 +78,19 @@ def test_contrast_prompts_put_other_subjects_into_the_edit_template():
     assert got == ["The Big Ben is located in the city of", "The Louvre is located in the city of"]
 
 
-def test_padded_activation_equals_prompt_activation_with_its_gradient():
+def test_shard_activations_equal_prompt_activation_with_their_gradient():
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(n, 5, generator=gen) for n in (3, 1, 4)]
-    delta = torch.randn(5, 2, generator=gen, requires_grad=True)
-    want = prompt_activation(xs, delta)
-    (grad_want,) = torch.autograd.grad(want.sum(), delta)
-    got = torch.linalg.vector_norm(_padded(xs) @ delta, dim=-1).amax(dim=1)
-    (grad_got,) = torch.autograd.grad(got.sum(), delta)
+    start = torch.randn(5, 2, generator=gen)
+    index = torch.tensor([0, 3])
+    rows = torch.randn(2, 2, generator=gen, requires_grad=True)
+    want = prompt_activation(xs, start.index_add(0, index, rows))
+    (grad_want,) = torch.autograd.grad(want.sum(), rows)
+    got = ShardActivations(xs, start, index)(rows)
+    (grad_got,) = torch.autograd.grad(got.sum(), rows)
     assert torch.allclose(got, want) and torch.allclose(grad_got, grad_want)
-    zero = torch.zeros(5, 2, requires_grad=True)  # a fresh side memory: every activation 0, gradients finite
-    (g,) = torch.autograd.grad(torch.linalg.vector_norm(_padded(xs) @ zero, dim=-1).amax(dim=1).sum(), zero)
+    zero = torch.zeros(2, 2, requires_grad=True)  # a fresh side memory: every activation 0, gradients finite
+    (g,) = torch.autograd.grad(ShardActivations(xs, torch.zeros(5, 2), index)(zero).sum(), zero)
     assert torch.isfinite(g).all()
 
 
@@ -161,6 +163,10 @@ def test_config_validation(loaded):
         lmedit.edit(loaded, REQ, method="wise", irrelevant_pool=HELDOUT_WINDOWS)
     with pytest.raises(ConfigError, match="irrelevant_samples"):
         lmedit.edit(loaded, REQ, method="wise", irrelevant_samples=0)
+    with pytest.raises(ConfigError, match="cov_weight must be >= 0"):
+        lmedit.edit(loaded, REQ, method="wise", cov_weight=-1.0)
+    with pytest.raises(ConfigError, match="needs irrelevant_corpus"):
+        lmedit.edit(loaded, REQ, method="wise", cov_weight=1.0, irrelevant_corpus=None)
 
 
 def test_corpus_windows_are_full_length_packed_windows_or_a_clear_error(loaded, tmp_path):

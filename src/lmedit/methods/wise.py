@@ -19,7 +19,11 @@ Editing (one patch, requests in order):
   loss ``ReLU(act(x_i) - alpha) + ReLU(beta - act(x_e)) + ReLU(gamma - (act(x_e) - act(x_i)))``, averaged over
   edit prompts ``x_e`` and irrelevant inputs ``x_i`` (``act`` of a prompt = its maximum over tokens, as the
   router sees it). The margins are in units of the mean norm of the base projection's output on the irrelevant
-  prompts (``act_margin``), so one default serves models of any width.
+  prompts (``act_margin``), so one default serves models of any width. Optionally (``cov_weight`` > 0, our
+  addition) a penalty on the side memory's mean squared activation over the corpus, ``E||A(x) delta||^2 =
+  tr(delta^T E[x x^T] delta)`` from the key statistics of the projection's inputs (``cov_tokens`` tokens of
+  ``irrelevant_corpus``), in units of the same scale squared: it reaches all ordinary text, not only the
+  sampled passages. Early stopping looks at the NLL and the routing margins, not at this penalty.
 * **Irrelevant inputs**: fixed generic sentences, passages of ordinary text sampled per shard from a corpus (the
   paper's pool of irrelevant data; ``irrelevant_corpus``, by default the offline Wikipedia fragment also used for
   key statistics), and (our addition) *contrast prompts*, the edit's own template filled with other subjects,
@@ -113,7 +117,7 @@ class WiseConfig(MethodConfig):
         None, "Decoder layer whose MLP output projection gets the side memory (default: 2/3 of the depth)."
     )
     lr: float = hp(0.005, "Adam learning rate for the side memory's trainable rows.")
-    steps: int = hp(60, "Maximum optimisation steps per shard.")
+    steps: int = hp(60, "Maximum optimisation steps (Adam updates) per shard.")
     mask_ratio: float = hp(
         0.2, "rho: fraction of the side memory's rows (MLP neurons) one shard may change (its random mask)."
     )
@@ -162,7 +166,8 @@ class WiseConfig(MethodConfig):
     cov_weight: float = hp(
         0.0,
         "Weight of the mean-activation penalty E||A(x) delta||^2 / scale^2 over irrelevant_corpus (from the key "
-        "statistics of the projection's inputs, cov_tokens tokens); 0 turns it off.",
+        "statistics of the projection's inputs, cov_tokens tokens); 0 turns it off. Those tokens include the "
+        "held-out windows' text, so with it the held-out routing check is not independent.",
     )
     cov_tokens: int = hp(100_000, "Corpus tokens of the key statistics behind cov_weight.")
     early_stop_loss: float = hp(
@@ -192,6 +197,16 @@ class WiseConfig(MethodConfig):
             raise ConfigError(
                 "irrelevant_prompts must not be empty: the routing loss needs irrelevant inputs"
             )
+        if self.cov_weight < 0:
+            raise ConfigError(f"cov_weight must be >= 0 (0 turns the penalty off), got {self.cov_weight}")
+        if self.cov_weight > 0:
+            if self.irrelevant_corpus is None:
+                raise ConfigError(
+                    "cov_weight > 0 needs irrelevant_corpus (its key statistics give the penalty); "
+                    "set irrelevant_corpus or cov_weight=0"
+                )
+            if self.cov_tokens < 1:
+                raise ConfigError(f"cov_tokens must be >= 1, got {self.cov_tokens}")
         if self.irrelevant_corpus is not None:
             if self.irrelevant_samples < 1:
                 raise ConfigError(
@@ -354,6 +369,27 @@ def _shard_draws(
     rows = torch.randperm(d_in, generator=gen)[:r].sort().values
     passages = torch.randperm(pool, generator=gen)[:samples] if pool else torch.zeros(0, dtype=torch.long)
     return rows, passages
+
+
+class ShardActivations:
+    """``prompt_activation(xs, start + rows at index)`` as a function of the trainable ``rows``.
+
+    The prompts are padded into one tensor (``_padded``) and ``x @ start`` is computed once, so each call costs
+    ``x[:, index] @ rows`` for all prompts at once.
+
+    Args:
+        xs: per prompt, the projection inputs [n_tokens, d_in].
+        start: [d_in, d_out] the side memory before the shard.
+        index: [r] the rows the shard trains.
+    """
+
+    def __init__(self, xs: list[torch.Tensor], start: torch.Tensor, index: torch.Tensor):
+        pad = _padded(xs)  # [P, n, d_in]
+        self.fixed = pad @ start  # [P, n, d_out]
+        self.sub = pad[..., index]  # [P, n, r]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:  # [P]
+        return torch.linalg.vector_norm(self.fixed + self.sub @ rows, dim=-1).amax(dim=1)
 
 
 class MeanSquareActivation:
@@ -561,40 +597,33 @@ def _train_shard(
         return base_out + x @ state["delta"].to(x.dtype)
 
     entry: dict = {"edits": len(requests), "rows": int(idx.numel()), "irrelevant": len(x_neg)}
-    pad_e, pad_n = _padded(x_edit).to(device), _padded(x_neg).to(device)  # [P, n, d_in]
     start = start_delta.to(device)
-    fixed_e, fixed_n = pad_e @ start, pad_n @ start  # [P, n, d_out]: the untrained part of x @ delta
-    sub_e, sub_n = pad_e[..., idx], pad_n[..., idx]  # [P, n, r]
-
+    act_edit = ShardActivations([x.to(device) for x in x_edit], start, idx)
+    act_neg = ShardActivations([x.to(device) for x in x_neg], start, idx)
     mean_sq = MeanSquareActivation(mom2.to(device), start, idx) if mom2 is not None else None
-
-    def activation(fixed: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:  # [P], prompt_activation's
-        return torch.linalg.vector_norm(fixed + sub @ rows, dim=-1).amax(dim=1)
 
     with (
         replay_below(loaded.model, loaded.arch, layer),
         Trace(loaded.model, path, retain_input=True, retain_output=False, edit_output=side) as tr,
     ):
-        for step in range(config.steps):
+        for step in range(config.steps + 1):  # evaluation `step` sees the rows after `step` updates
             state["delta"] = start_delta.index_add(0, idx, rows)  # [d_in, d_out]
             nll = _nll(loaded, batch)
-            act_e = activation(fixed_e, sub_e)  # [n_e]
-            act_i = activation(fixed_n, sub_n)  # [n_i]
+            act_e, act_i = act_edit(rows), act_neg(rows)  # [n_e], [n_i]
             act_loss = routing_loss(act_e, act_i, *margins)
-            if mean_sq is not None:
-                q = mean_sq(rows)
-                entry["mean_sq"] = q.item()
-                act_loss = act_loss + config.cov_weight * q
+            penalty = config.cov_weight * mean_sq(rows) if mean_sq is not None else None
             separation = (act_e.min() - act_i.max()).item()
             if step == 0:
                 entry.update(nll_first=nll.item(), act_loss_first=act_loss.item())
             entry.update(
-                steps=step + 1, nll_last=nll.item(), act_loss_last=act_loss.item(), separation=separation
+                steps=step, nll_last=nll.item(), act_loss_last=act_loss.item(), separation=separation
             )
-            if (nll.item() < config.early_stop_loss and act_loss.item() == 0) or step == config.steps - 1:
+            if penalty is not None:
+                entry["mean_sq"] = penalty.item() / config.cov_weight
+            if (nll.item() < config.early_stop_loss and act_loss.item() == 0) or step == config.steps:
                 break
             opt.zero_grad()
-            (nll + act_loss).backward()
+            (nll + act_loss + (penalty if penalty is not None else 0.0)).backward()
             opt.step()
     return rows.detach().float().cpu(), entry
 
@@ -610,6 +639,7 @@ __all__ = [
     "UNRELATED_PROMPTS",
     "HELDOUT_WINDOWS",
     "MeanSquareActivation",
+    "ShardActivations",
     "contrast_prompts",
     "corpus_windows",
     "edit_prompt",
