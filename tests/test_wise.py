@@ -102,8 +102,10 @@ def test_mean_square_activation_is_the_mean_over_keys():
     rows = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     delta = start.index_add(0, index, rows)
     want = (keys @ delta).pow(2).sum(-1).mean()
-    got = MeanSquareActivation(keys.T @ keys / 50, start, index)(rows)
-    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    msq = MeanSquareActivation(keys.T @ keys / 50, start, index)
+    assert float(msq(rows)) == pytest.approx(float(want), rel=1e-12)
+    own = (keys[:, index] @ rows).pow(2).sum(-1).mean()  # the shard's rows alone (what WISE penalises)
+    assert float(msq.own(rows)) == pytest.approx(float(own), rel=1e-12)
 
 
 def test_shard_draws_are_seeded_by_stream_position():
