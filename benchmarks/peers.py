@@ -97,9 +97,12 @@ def run_lmedit(args, loaded, cases, common: dict) -> dict:
         protocol, k = ("single", 1) if method == "rome" else ("batch", n)
         rep = evaluate(loaded, cases[:n], method, protocol=protocol, k=k, config=cfg, settings=settings)
         secs = [e["seconds"] for e in rep.meta["edits"]]
+        cpus = [e["cpu_seconds"] for e in rep.meta["edits"]]
         out[method] = {
             "n": n,
             "edit_s_per_request": sorted(secs)[len(secs) // 2] if method == "rome" else secs[0] / n,
+            "edit_cpu_s_per_request": sorted(cpus)[len(cpus) // 2] if method == "rome" else cpus[0] / n,
+            "value_timing": [e["info"].get("value_timing") for e in rep.meta["edits"]],
             "edit_s_total": sum(secs),
             "metrics": {k: rep.post.get(k) for k in METRIC_NAMES},
             "pre": {k: rep.pre.get(k) for k in METRIC_NAMES},
@@ -139,8 +142,12 @@ def peer_summary(method: str, res: dict) -> dict:
         return res
     t, post = res["timing"], res["metrics"]["post"]
     per_layer = t.get("stats_per_layer") or []
+    cpus = t.get("edit_cpu_s_per_request") or []
     return {
         "edit_s_per_request": t["edit_s_median"] if method == "rome" else t["batch_edit_s_per_request"],
+        "edit_cpu_s_per_request": (
+            (sorted(cpus)[len(cpus) // 2] if method == "rome" else cpus[0] / res["n_cases"]) if cpus else None
+        ),
         "stats_s": sum(r["seconds"] for r in per_layer) if per_layer else None,
         "stats_layers": [r["layer"] for r in per_layer],
         # the runner's process figure is getrusage's ru_maxrss, which Linux carries across exec from this driver
@@ -158,24 +165,29 @@ def _fmt(v) -> str:
 def print_table(result: dict, peers: list[str]) -> None:
     """The comparison table (peer / lmedit ratios are added to ``result`` in place)."""
     ours = result["lmedit"]
-    rows = [("system", "method", "edit s/request", "x lmedit", "stats s", "x lmedit", "peak RSS MiB",
-             "rel_tf", "gen_tf", "loc_tf")]  # fmt: skip
+    rows = [("system", "method", "edit s/request", "x lmedit", "CPU s/request", "x lmedit", "stats s", "x lmedit",
+             "peak RSS MiB", "rel_tf", "gen_tf", "loc_tf")]  # fmt: skip
     for method in ("rome", "memit"):
         if method not in ours:
             continue
         o = ours[method]
-        rows.append(("lmedit", method, _fmt(o["edit_s_per_request"]), "1", _fmt(ours["stats"]["seconds"]), "1",
-                     _fmt(ours["peak_rss_mib_process"]), *(_fmt(o["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
+        o_cpu = o.get("edit_cpu_s_per_request")  # absent in results saved before it was recorded
+        rows.append(("lmedit", method, _fmt(o["edit_s_per_request"]), "1", _fmt(o_cpu), "1",
+                     _fmt(ours["stats"]["seconds"]), "1", _fmt(ours["peak_rss_mib_process"]),
+                     *(_fmt(o["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
         for p in peers:
             r = result.get(p, {}).get(method, {})
             if "edit_s_per_request" not in r:
-                rows.append((p, method, next(iter(r.values()), "-"), "", "", "", "", "", "", ""))
+                rows.append((p, method, next(iter(r.values()), "-"), "", "", "", "", "", "", "", "", ""))
                 continue
             r["edit_ratio"] = r["edit_s_per_request"] / o["edit_s_per_request"]
+            r_cpu = r.get("edit_cpu_s_per_request")
+            if r_cpu and o_cpu:
+                r["edit_cpu_ratio"] = r_cpu / o_cpu
             if r["stats_s"] and method == "memit":
                 r["stats_ratio"] = r["stats_s"] / ours["stats"]["seconds"]
-            rows.append((p, method, _fmt(r["edit_s_per_request"]), f"{r['edit_ratio']:.1f}x",
-                         _fmt(r["stats_s"]), f"{r['stats_ratio']:.1f}x" if "stats_ratio" in r else "",
+            rows.append((p, method, _fmt(r["edit_s_per_request"]), f"{r['edit_ratio']:.1f}x", _fmt(r_cpu),
+                         f"{r['edit_cpu_ratio']:.1f}x" if "edit_cpu_ratio" in r else "", _fmt(r["stats_s"]), f"{r['stats_ratio']:.1f}x" if "stats_ratio" in r else "",
                          _fmt(r["peak_rss_mib_process"]), *(_fmt(r["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -128,6 +128,7 @@ def test_sequential_retention_curve_and_plot(tiny, dataset_file, tmp_path):
     assert [p["edits"] for p in report.retention] == [1, 2, 3, 4]
     steps = report.meta["edits"]
     assert all(s["seconds"] > 0 and s["patch_bytes"] > 0 and s["peak_rss_mb"] > 0 for s in steps)
+    assert all(0 < s["cpu_seconds"] for s in steps)
     assert [s["stored_bytes"] for s in steps] == [
         sum(x["patch_bytes"] for x in steps[: i + 1]) for i in range(4)
     ]
