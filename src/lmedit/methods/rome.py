@@ -139,7 +139,7 @@ class ROMEConfig(LocateEditConfig):
 #: Presets for the bundled models (10-case sweeps of layer and clamp, see docs/locate-then-edit.md).
 PRESETS = {
     "gemma3-270m": {"layer": 1, "clamp_norm_factor": 0.75},
-    "smollm2-135m": {"layer": 1},
+    "smollm2-135m": {"layer": 1, "clamp_norm_factor": 2.0},
 }
 
 
