@@ -100,12 +100,14 @@ def test_mean_square_activation_is_the_mean_over_keys():
     start = torch.randn(6, 3, generator=gen, dtype=torch.float64)
     index = torch.tensor([1, 4])
     rows = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-    delta = start.index_add(0, index, rows)
+    delta = torch.zeros_like(start).index_add(0, index, rows)  # the shard's rows alone (what WISE penalises)
     want = (keys @ delta).pow(2).sum(-1).mean()
-    msq = MeanSquareActivation(keys.T @ keys / 50, start, index)
+    msq = MeanSquareActivation(keys.T @ keys / 50, index)
     assert float(msq(rows)) == pytest.approx(float(want), rel=1e-12)
-    own = (keys[:, index] @ rows).pow(2).sum(-1).mean()  # the shard's rows alone (what WISE penalises)
-    assert float(msq.own(rows)) == pytest.approx(float(own), rel=1e-12)
+    whole = (keys @ (start + delta)).pow(2).sum(-1).mean()
+    assert float(msq(rows)) != pytest.approx(float(whole), rel=1e-3), (
+        "the side memory extended is not penalised"
+    )
 
 
 def test_shard_draws_are_seeded_by_stream_position():
@@ -253,10 +255,7 @@ def test_mean_activation_penalty_lowers_the_side_memorys_response_to_ordinary_te
         spec = p.adapters[0]
         layer = p.config["layer"]
         mom2 = covariances(loaded, [layer], small["irrelevant_corpus"], 2000)[0][layer].float()
-        delta = torch.zeros(spec.config["d_in"], spec.config["d_out"])
-        mean_sq[weight] = float(
-            MeanSquareActivation(mom2, delta, spec.tensors["index"])(spec.tensors["rows"])
-        )
+        mean_sq[weight] = float(MeanSquareActivation(mom2, spec.tensors["index"])(spec.tensors["rows"]))
         if weight:
             scale = p.info["scale"]
             assert p.info["shards"][0]["mean_sq"] == pytest.approx(mean_sq[weight] / scale**2, rel=1e-3), (

@@ -248,9 +248,8 @@ def _optimize_chunk(
         state["capture"] = False
         for s in sites:
             d_sites[s] = torch.zeros(n_req, init[s].shape[-1], device=device, requires_grad=True)
-        ref_kl = torch.zeros(
-            n_req, 0, device=device
-        )  # [n_req, vocab] in request order (one essence row each)
+        # essence reference [n_req, vocab] in request order (one essence row each; none when kl_factor is 0)
+        ref_kl = torch.zeros(n_req, 0, device=device)
         if len(ix["kl_row"]):
             logits0 = final_logits(model, arch, hidden0[ix["kl_row"], ix["kl_pos"]]).float()
             ref_kl = torch.log_softmax(logits0, -1)

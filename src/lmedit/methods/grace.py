@@ -57,6 +57,7 @@ from lmedit.core.adapters import (
 )
 from lmedit.core.forward import head_scores, prefix_layout, run_prefix, run_suffix
 from lmedit.core.hooks import Trace
+from lmedit.core.keys import PromptSite, run_sites
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
 from lmedit.methods.wise import CONTRAST_SUBJECTS
@@ -251,14 +252,12 @@ def _prompt_key(loaded, path: str, prompt: str, target: str):
 
 
 def _last_token_inputs(loaded, path: str, prompts: list[str], target: str) -> torch.Tensor:
-    """Input of module ``path`` at each prompt's last token (as ``_prompt_key``), one batched pass [n, d_in]."""
+    """Input of module ``path`` at each prompt's last token (as ``_prompt_key``), batched [n, d_in] float32."""
     if not prompts:
         return torch.zeros(0)
-    batch = tokens.pair_batch(loaded.tokenizer, prompts, [target] * len(prompts)).to(loaded.device)
-    last = torch.tensor([n - 1 for n in batch.prompt_lens], device=loaded.device)
-    with torch.no_grad(), Trace(loaded.model, path, retain_input=True, stop=True) as tr:
-        loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return tr.input[torch.arange(len(prompts), device=loaded.device), last]
+    encs = [tokens.encode_pair(loaded.tokenizer, t, target) for t in prompts]
+    sites = [PromptSite(t, e.ids[: e.prompt_len], e.prompt_len - 1) for t, e in zip(prompts, encs)]
+    return run_sites(loaded, sites, [path], retain="input")[path]
 
 
 def _train_value(

@@ -167,8 +167,9 @@ class WiseConfig(MethodConfig):
     )
     cov_weight: float = hp(
         0.0,
-        "Weight of the mean-activation penalty E||A(x) delta||^2 / scale^2 over irrelevant_corpus (from the key "
-        "statistics of the projection's inputs, cov_tokens tokens); 0 turns it off. Those tokens include the "
+        "Weight of the penalty on the mean squared activation of the rows a shard adds, "
+        "E||A(x)[index] rows||^2 / scale^2 over irrelevant_corpus (from the key statistics of the projection's "
+        "inputs, cov_tokens tokens); 0 turns it off. Those tokens include the "
         "held-out windows' text, so with it the held-out routing check is not independent.",
     )
     cov_tokens: int = hp(100_000, "Corpus tokens of the key statistics behind cov_weight.")
@@ -283,18 +284,24 @@ def contrast_prompts(request: EditRequest, subjects: list[str]) -> list[str]:
     return [tokens.join_target(t, request.target_new)[0] for t in text]
 
 
+def _inputs(loaded, path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Input of module ``path`` at every position of the batch ``ids`` [b, n] (forward stopped there)."""
+    with (
+        torch.no_grad(),
+        Trace(loaded.model, path, retain_input=True, retain_output=False, stop=True) as tr,
+    ):
+        loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
+    return tr.input.float()
+
+
 def module_inputs(loaded, path: str, prompts: list[str]) -> list[torch.Tensor]:
     """Input of module ``path`` at every token of each prompt, one float32 tensor [n_tokens, d_in] per prompt."""
     out: list[torch.Tensor] = []
     for start in range(0, len(prompts), 16):
         chunk = prompts[start : start + 16]
-        batch = tokens.pair_batch(loaded.tokenizer, chunk, [""] * len(chunk)).to(loaded.device)
-        with (
-            torch.no_grad(),
-            Trace(loaded.model, path, retain_input=True, retain_output=False, stop=True) as tr,
-        ):
-            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        out.extend(tr.input[i, :n].float() for i, n in enumerate(batch.prompt_lens))
+        batch = tokens.pair_batch(loaded.tokenizer, chunk, [""] * len(chunk))
+        x = _inputs(loaded, path, batch.input_ids, batch.attention_mask)
+        out.extend(x[i, :n] for i, n in enumerate(batch.prompt_lens))
     return out
 
 
@@ -318,13 +325,8 @@ def window_inputs(loaded, path: str, ids: torch.Tensor) -> list[torch.Tensor]:
     """Input of module ``path`` at every token of each window of ``ids`` [m, length]: m float32 [length, d_in]."""
     out: list[torch.Tensor] = []
     for start in range(0, len(ids), 16):
-        chunk = ids[start : start + 16].to(loaded.device)
-        with (
-            torch.no_grad(),
-            Trace(loaded.model, path, retain_input=True, retain_output=False, stop=True) as tr,
-        ):
-            loaded.model(input_ids=chunk, attention_mask=torch.ones_like(chunk), use_cache=False)
-        out.extend(tr.input.float().unbind(0))
+        chunk = ids[start : start + 16]
+        out.extend(_inputs(loaded, path, chunk, torch.ones_like(chunk)).unbind(0))
     return out
 
 
@@ -395,28 +397,19 @@ class ShardActivations:
 
 
 class MeanSquareActivation:
-    """``E[||x delta||^2] = tr(delta^T E[x x^T] delta)`` for ``delta = start`` plus ``rows`` added at ``index``.
-
-    Quadratic in the trainable rows: ``q0 + 2 <rows, (M start)[index]> + <rows, M[index, index] rows>``, with
-    the constant parts computed once.
+    """``E[||x[index] rows||^2] = <rows, E[x x^T][index, index] rows>``: the mean squared activation over the
+    statistics' keys of the rows a shard adds (not of the side memory they extend: penalising that made later
+    shards cancel earlier edits).
 
     Args:
         mom2: E[x x^T] [d_in, d_in] of the projection's inputs (key statistics).
-        start: [d_in, d_out] the side memory before this shard.
         index: [r] the rows the shard trains.
     """
 
-    def __init__(self, mom2: torch.Tensor, start: torch.Tensor, index: torch.Tensor):
-        m_start = mom2 @ start  # [d_in, d_out]
-        self.q0 = float((start * m_start).sum())
-        self.cross = m_start[index]  # [r, d_out]
+    def __init__(self, mom2: torch.Tensor, index: torch.Tensor):
         self.block = mom2[index][:, index]  # [r, r]
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.q0 + 2 * (rows * self.cross).sum() + self.own(rows)
-
-    def own(self, rows: torch.Tensor) -> torch.Tensor:
-        """``E[||x[index] rows||^2]``: the rows' own contribution, without the side memory they extend."""
         return (rows * (self.block @ rows)).sum()
 
 
@@ -606,7 +599,7 @@ def _train_shard(
     start = start_delta.to(device)
     act_edit = ShardActivations([x.to(device) for x in x_edit], start, idx)
     act_neg = ShardActivations([x.to(device) for x in x_neg], start, idx)
-    mean_sq = MeanSquareActivation(mom2.to(device), start, idx) if mom2 is not None else None
+    mean_sq = MeanSquareActivation(mom2.to(device), idx) if mom2 is not None else None
 
     with (
         replay_below(loaded.model, loaded.arch, layer),
@@ -617,7 +610,7 @@ def _train_shard(
             nll = _nll(loaded, batch)
             act_e, act_i = act_edit(rows), act_neg(rows)  # [n_e], [n_i]
             act_loss = routing_loss(act_e, act_i, *margins)
-            penalty = config.cov_weight * mean_sq.own(rows) if mean_sq is not None else None
+            penalty = config.cov_weight * mean_sq(rows) if mean_sq is not None else None
             separation = (act_e.min() - act_i.max()).item()
             if step == 0:
                 entry.update(nll_first=nll.item(), act_loss_first=act_loss.item())
