@@ -10,6 +10,7 @@ from lmedit.core.adapters import AdapterSpec, WiseSideMemory, install_adapters, 
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.wise import (
+    HELDOUT_FACTS,
     HELDOUT_WINDOWS,
     UNRELATED_PROMPTS,
     MeanSquareActivation,
@@ -17,8 +18,11 @@ from lmedit.methods.wise import (
     _shard_draws,
     contrast_prompts,
     corpus_windows,
+    fact_gen,
+    fact_pool,
     merge_shards,
     module_inputs,
+    pick_facts,
     prompt_activation,
     routing_loss,
     ties_merge,
@@ -121,6 +125,30 @@ def test_shard_draws_are_seeded_by_stream_position():
     assert _shard_draws(0, 3, 100, 0.2, 0, 8)[1].numel() == 0
 
 
+def test_fact_pool_holds_the_cases_prompts_from_the_start_case_on():
+    from lmedit.data.loaders import load_dataset
+
+    cases = load_dataset("bundled").cases
+    pool = fact_pool("bundled", 5)
+    assert len(pool) == len(set(pool)), "deduplicated"
+    first = cases[5]
+    assert pool[0] == first.reliability[0].prompt.rstrip()
+    assert first.locality[0].prompt.rstrip() in pool
+    later = {p.prompt for c in cases[5:] for p in c.reliability + c.generalization + c.locality}
+    assert set(pool) == later, "exactly the prompts of the cases from the start on"
+    assert set(fact_pool("bundled", 0)) > set(pool)
+
+
+def test_pick_facts_skips_the_shards_subjects_and_is_seeded():
+    pool = ("The Eiffel Tower is in", "Paris is the capital of", "the eiffel tower stands in", "Rome lies in")
+    picked = pick_facts(pool, 3, ["Eiffel Tower"], fact_gen(0, 2))
+    assert sorted(picked) == ["Paris is the capital of", "Rome lies in"], "case-insensitive, fewer when short"
+    assert pick_facts(pool, 2, [], fact_gen(0, 2)) == pick_facts(pool, 2, [], fact_gen(0, 2))
+    draws = {tuple(pick_facts(pool, 2, [], fact_gen(0, pos))) for pos in range(8)}
+    assert len(draws) > 1, "shards at other stream positions draw other prompts"
+    assert pick_facts(pool, 2, ["Paris"], None) == ["The Eiffel Tower is in", "the eiffel tower stands in"]
+
+
 def test_routing_loss_margins():
     alpha, beta, gamma = 1.0, 4.0, 2.0
     assert routing_loss(t(5.0), t(0.5, 0.8), alpha, beta, gamma).item() == 0.0
@@ -171,6 +199,10 @@ def test_config_validation(loaded):
         lmedit.edit(loaded, REQ, method="wise", cov_weight=-1.0)
     with pytest.raises(ConfigError, match="needs irrelevant_corpus"):
         lmedit.edit(loaded, REQ, method="wise", cov_weight=1.0, irrelevant_corpus=None)
+    with pytest.raises(ConfigError, match="irrelevant_fact_samples"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", irrelevant_fact_samples=0)
+    with pytest.raises(ConfigError, match="lower irrelevant_facts_from"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", irrelevant_facts_from=365)
 
 
 def test_corpus_windows_are_full_length_packed_windows_or_a_clear_error(loaded, tmp_path):
@@ -239,6 +271,31 @@ def test_sampled_passages_keep_held_out_text_on_the_main_memory(loaded):
             assert p.info["heldout_routed_to_side"] == routed[corpus], "the patch's own held-out check"
             assert p.info["edit_activations"][0] > spec.config["epsilon"]
     assert routed["gensim-wiki"] == 0 and routed[None] > HELDOUT_WINDOWS // 2, routed
+
+
+def test_factual_pool_keeps_held_out_factual_prompts_on_the_main_memory(loaded):
+    """Fixed sentences alone leave short factual prompts about other subjects routed to the side memory; prompts
+    sampled from a factual pool keep held-out ones on the main memory (on this tiny random model the effect is
+    small - 1 of 32 routed without the pool - on Gemma it is the difference measured in BENCHMARKS.md)."""
+    held = list(fact_pool("bundled", 0)[-HELDOUT_FACTS:])
+    routed, ratio = {}, {}
+    for facts in (None, "bundled"):
+        p = lmedit.edit(
+            loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_facts=facts,
+            irrelevant_corpus=None, contrast_subjects=[], mask_ratio=1.0, steps=60, lr=0.2,
+        )  # fmt: skip
+        spec = p.adapters[0]
+        with p.applied(loaded):
+            delta = loaded.model.get_submodule(spec.module).delta
+            act = prompt_activation(module_inputs(loaded, spec.module, held), delta)
+        routed[facts] = int((act > spec.config["epsilon"]).sum())
+        ratio[facts] = act.max().item() / spec.config["epsilon"]
+        assert p.info["edit_activations"][0] > spec.config["epsilon"]
+        if facts is not None:
+            assert p.info["heldout_facts_routed_to_side"] == routed[facts], "the patch's own held-out check"
+            assert p.info["shards"][0]["irrelevant"] == len(IRRELEVANT) + 32
+    assert routed["bundled"] == 0 and routed[None] > 0, routed
+    assert ratio["bundled"] < ratio[None] - 0.1, ratio  # largest held-out activation / epsilon: 0.94 vs 1.08
 
 
 def test_mean_activation_penalty_lowers_the_side_memorys_response_to_ordinary_text(loaded, stats_env):

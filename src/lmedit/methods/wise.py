@@ -63,6 +63,7 @@ token after the first generated one is routed by its own activation (a decoding 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ from lmedit.core.forward import replay_below, target_logprobs
 from lmedit.core.hooks import Trace
 from lmedit.core.patch import EditPatch
 from lmedit.core.stats import covariances, token_sequences
+from lmedit.data.loaders import load_dataset
 from lmedit.errors import ConfigError
 from lmedit.models import tokens
 from lmedit.registry import register_method
@@ -105,6 +107,9 @@ CONTRAST_SUBJECTS: tuple[str, ...] = ("Mount Kilimanjaro", "Marie Curie", "Heine
 
 #: Windows at the end of the irrelevant-text pool never sampled for training: the held-out routing check.
 HELDOUT_WINDOWS = 32
+
+#: Prompts at the end of the irrelevant-facts pool never sampled for training: the held-out check on facts.
+HELDOUT_FACTS = 32
 
 #: Layer presets for the bundled models: 2/3 of the depth (Gemma 3 270M has 18 layers, SmolLM2 135M 30).
 PRESETS = {
@@ -160,6 +165,19 @@ class WiseConfig(MethodConfig):
         f"Passages the samples are drawn from: the corpus's first irrelevant_pool windows, less the last "
         f"{HELDOUT_WINDOWS}, which are kept for the held-out routing check.",
     )
+    irrelevant_facts: str | None = hp(
+        None,
+        "Dataset (anything `lmedit bench --dataset` takes) whose prompts - edit prompts, paraphrases and "
+        "locality prompts of its cases from irrelevant_facts_from on - form a pool of short factual prompts about "
+        "other subjects; each shard trains against irrelevant_fact_samples of them (prompts naming one of the "
+        "shard's subjects skipped), the paper's irrelevant data from the task's own distribution. Must not share "
+        "prompts with the cases you evaluate: benchmarking the first N cases of a file, pool from case N on. "
+        "None: no factual pool.",
+    )
+    irrelevant_facts_from: int = hp(
+        0, "First case of irrelevant_facts in the pool (the cases before it are left for evaluation)."
+    )
+    irrelevant_fact_samples: int = hp(32, "Prompts sampled from the irrelevant_facts pool per shard.")
     contrast_subjects: list[str] = hp(
         list(CONTRAST_SUBJECTS),
         "Subjects put into each edit's own prompt template to make further irrelevant inputs, so that the "
@@ -224,6 +242,15 @@ class WiseConfig(MethodConfig):
                     f"({self.irrelevant_samples}) windows, got {self.irrelevant_pool}"
                 )
 
+        if self.irrelevant_facts is not None:
+            if self.irrelevant_facts_from < 0:
+                raise ConfigError(f"irrelevant_facts_from must be >= 0, got {self.irrelevant_facts_from}")
+            if self.irrelevant_fact_samples < 1:
+                raise ConfigError(
+                    f"irrelevant_fact_samples must be >= 1, got {self.irrelevant_fact_samples} "
+                    "(set irrelevant_facts=None to use no factual pool)"
+                )
+
 
 # ------------------------------------------------------------------------------------------------ merging
 def ties_merge(task_vectors: list[torch.Tensor], density: float) -> torch.Tensor:
@@ -282,6 +309,35 @@ def contrast_prompts(request: EditRequest, subjects: list[str]) -> list[str]:
     """The request's template filled with each of ``subjects`` (its own subject skipped), as ``edit_prompt``."""
     text = [request.template.replace("{}", s) for s in subjects if s != request.subject]
     return [tokens.join_target(t, request.target_new)[0] for t in text]
+
+
+@functools.lru_cache(maxsize=4)
+def fact_pool(dataset: str, start: int) -> tuple[str, ...]:
+    """The factual prompts of ``dataset``'s cases from ``start`` on: edit prompts, paraphrases and locality
+    prompts, deduplicated in file order (trailing whitespace stripped)."""
+    cases = load_dataset(dataset).cases[start:]
+    prompts = (
+        p.prompt.rstrip()
+        for c in cases
+        for kind in (c.reliability, c.generalization, c.locality)
+        for p in kind
+    )
+    return tuple(dict.fromkeys(p for p in prompts if p))
+
+
+def pick_facts(pool: tuple[str, ...], k: int, subjects: list[str], gen: torch.Generator | None) -> list[str]:
+    """``k`` prompts of ``pool`` in a random order drawn from ``gen`` (file order when None), skipping those naming one of ``subjects``
+    (case-insensitive), so that a shard is never trained to keep its own subjects on the main memory."""
+    names = [s.lower() for s in subjects]
+    out: list[str] = []
+    order = range(len(pool)) if gen is None else torch.randperm(len(pool), generator=gen).tolist()
+    for i in order:
+        text = pool[i].lower()
+        if not any(n in text for n in names):
+            out.append(pool[i])
+            if len(out) == k:
+                break
+    return out
 
 
 def _inputs(loaded, path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -375,6 +431,11 @@ def _shard_draws(
     return rows, passages
 
 
+def fact_gen(seed: int, stream_pos: int) -> torch.Generator:
+    """The generator of a shard's draw from the factual pool (independent of ``_shard_draws``'s)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream_pos + 500_009)
+
+
 class ShardActivations:
     """``prompt_activation(xs, start + rows at index)`` as a function of the trainable ``rows``.
 
@@ -451,6 +512,18 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         train_pool, heldout = pool[:-HELDOUT_WINDOWS], pool[-HELDOUT_WINDOWS:]
     else:
         train_pool = heldout = torch.zeros(0, 0, dtype=torch.long)
+    train_facts: tuple[str, ...] = ()
+    held_facts: list[str] = []
+    if config.irrelevant_facts is not None:
+        facts = fact_pool(config.irrelevant_facts, config.irrelevant_facts_from)
+        if len(facts) < HELDOUT_FACTS + config.irrelevant_fact_samples:
+            raise ConfigError(
+                f"irrelevant_facts {config.irrelevant_facts!r} from case {config.irrelevant_facts_from} holds "
+                f"{len(facts)} prompts, fewer than {HELDOUT_FACTS} held out + irrelevant_fact_samples "
+                f"({config.irrelevant_fact_samples}): lower irrelevant_facts_from or give a larger dataset"
+            )
+        train_facts = facts[:-HELDOUT_FACTS]
+        held_facts = pick_facts(facts[-HELDOUT_FACTS:], HELDOUT_FACTS, [r.subject for r in requests], None)
     x_edit = module_inputs(loaded, path, prompts)
     contrast = [contrast_prompts(r, config.contrast_subjects) for r in requests]
     flat = iter(module_inputs(loaded, path, [c for cs in contrast for c in cs]))
@@ -481,7 +554,14 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         )
         x_shard = x_edit[s : s + len(reqs)]
         x_passages = window_inputs(loaded, path, train_pool[passages]) if len(passages) else []
-        x_neg = x_irr + x_passages + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
+        facts = pick_facts(
+            train_facts,
+            config.irrelevant_fact_samples,
+            [r.subject for r in reqs],
+            fact_gen(config.seed, n_earlier + s),
+        )
+        x_facts = module_inputs(loaded, path, facts) if facts else []
+        x_neg = x_irr + x_passages + x_facts + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
         rows, entry = _train_shard(
             loaded,
             layer,
@@ -517,6 +597,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
         x_held = window_inputs(loaded, path, heldout) if len(heldout) else []
         act_held = prompt_activation(x_held, final) if x_held else act_irr[:0]  # [HELDOUT_WINDOWS]
+        x_hf = module_inputs(loaded, path, held_facts) if held_facts else []
+        act_hf = prompt_activation(x_hf, final) if x_hf else act_irr[:0]  # [<= HELDOUT_FACTS]
     min_act = min(earlier_min, float(act_edits.min()))
     epsilon = config.act_ratio * min_act
     spec = AdapterSpec(
@@ -544,6 +626,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "contrast_routed_to_side": int((act_con > epsilon).sum()),
         "heldout_max_activation": float(act_held.max()) if len(act_held) else None,
         "heldout_routed_to_side": int((act_held > epsilon).sum()),
+        "heldout_facts_max_activation": float(act_hf.max()) if len(act_hf) else None,
+        "heldout_facts_routed_to_side": int((act_hf > epsilon).sum()),
         "rows_changed": int(index.numel()),
         "seconds": time.perf_counter() - t0,
     }
