@@ -278,6 +278,9 @@ class WiseSideMemory(AdapterWrapper):
     parent adapter's ``delta`` (zero without a parent) plus those rows. A wrapper that extends a parent updates
     the parent's ``delta`` in place and keeps only the overwritten rows, which ``release()`` writes back when it
     is taken out, so undo is bit-exact and a chain of N patches holds one dense side memory.
+
+    Optional ``keys`` [n, d_in]: the patch's edit keys (each edit prompt's input at its most active token), which
+    later patches keep routed; the buffer ``keys`` holds the whole chain's, in one shared growing storage.
     """
 
     kind = "wise"
@@ -299,14 +302,24 @@ class WiseSideMemory(AdapterWrapper):
                 f"row indices {tuple(index.shape)}, rows {tuple(rows.shape)} after extending "
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
+        new_keys = tensors.get("keys", rows.new_zeros(0, d_in))
+        old_keys = previous.keys if previous is not None else new_keys[:0]
+        if new_keys.dim() != 2 or new_keys.shape[1] != d_in or old_keys.shape[1] != d_in:
+            raise PatchError(
+                f"WISE adapter at {self.spec.module}: edit keys {tuple(new_keys.shape)} after "
+                f"{tuple(old_keys.shape)}, expected [n, {d_in}]; the patch is corrupt"
+            )
+        stores = getattr(previous, "_stores", {}) if previous is not None else {}
+        self._stores = {"keys": _RowStore.extend(stores.get("keys"), old_keys, new_keys)}
+        keys = self._stores["keys"].view()
         if previous is None:
-            return {"delta": wise_side_delta(base, index, rows)}
+            return {"delta": wise_side_delta(base, index, rows), "keys": keys}
         # extend the replaced adapter's side memory in place: keep only the rows this patch overwrites, so a
         # chain of N patches holds one side memory plus N patches' rows, not N copies (restored in release())
         idx = index.to(base.device)
         self._saved = (previous.delta, idx, previous.delta[idx].clone())
         base.index_add_(0, idx, rows.to(device=base.device, dtype=base.dtype))
-        return {"delta": base}
+        return {"delta": base, "keys": keys}
 
     def release(self) -> None:
         saved = getattr(self, "_saved", None)

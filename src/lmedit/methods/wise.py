@@ -33,7 +33,9 @@ Editing (one patch, requests in order):
   ``irrelevant_samples`` windows of ``irrelevant_tokens`` tokens from a pool of the corpus's first
   ``irrelevant_pool`` windows, seeded by its position in the edit stream, so a lifelong chain trains against
   ever more text; the pool's last ``HELDOUT_WINDOWS`` windows are never trained on and serve as a held-out
-  check of the routing (``info["heldout_routed_to_side"]``). With only fixed sentences a 100-edit Gemma chain
+  check of the routing (``info["heldout_routed_to_side"]``). Optionally (``irrelevant_facts``) short factual
+  prompts about other subjects, sampled per shard from a dataset's prompts (the paper's irrelevant data from the
+  task's own distribution), with their own held-out check (``info["heldout_facts_routed_to_side"]``). With only fixed sentences a 100-edit Gemma chain
   kept the side memory silent on them (largest activation 1.4 vs epsilon 7.1) but routed most other text to it
   (locality 0.20, WikiText-2 perplexity 85.7 -> 323).
 * **Merging.** With several shards, their changes (task vectors relative to the starting side memory) are merged
@@ -183,6 +185,13 @@ class WiseConfig(MethodConfig):
         "Subjects put into each edit's own prompt template to make further irrelevant inputs, so that the "
         "template alone does not open the side memory (our addition to the paper; [] turns it off).",
     )
+    replay_keys: int = hp(
+        64,
+        "Edit keys of earlier patches of the chain (each edit prompt's input at its most active token, stored in "
+        "the patch) that each shard keeps above the edit margins, sampled per shard; without them a shard that "
+        "learns to stay silent on factual prompts about other subjects silences earlier edits too (our addition; "
+        "0 turns it off).",
+    )
     cov_weight: float = hp(
         0.0,
         "Weight of the penalty on the mean squared activation of the rows a shard adds, "
@@ -218,6 +227,8 @@ class WiseConfig(MethodConfig):
             raise ConfigError(
                 "irrelevant_prompts must not be empty: the routing loss needs irrelevant inputs"
             )
+        if self.replay_keys < 0:
+            raise ConfigError(f"replay_keys must be >= 0 (0 turns replay off), got {self.replay_keys}")
         if self.cov_weight < 0:
             raise ConfigError(f"cov_weight must be >= 0 (0 turns the penalty off), got {self.cov_weight}")
         if self.cov_weight > 0:
@@ -536,9 +547,11 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     margins = tuple(m * scale for m in config.act_margin)  # alpha, beta, gamma
     if previous is not None:
         start_delta = previous.delta.detach().float()
+        chain_keys = previous.keys.detach().float()  # [n_earlier_keys, d_in]
         n_earlier, earlier_min = int(previous.spec.config["n_edits"]), float(previous.spec.config["min_act"])
     else:
         start_delta = torch.zeros(d_in, d_out, device=device)
+        chain_keys = torch.zeros(0, d_in, device=device)
         n_earlier, earlier_min = 0, float("inf")
 
     mom2 = None
@@ -561,6 +574,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             fact_gen(config.seed, n_earlier + s),
         )
         x_facts = module_inputs(loaded, path, facts) if facts else []
+        replay = torch.randperm(len(chain_keys), generator=fact_gen(config.seed, -1 - n_earlier - s))
+        x_replay = list(chain_keys[replay[: config.replay_keys]].unsqueeze(1))  # one-token inputs [1, d_in]
         x_neg = x_irr + x_passages + x_facts + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
         rows, entry = _train_shard(
             loaded,
@@ -571,7 +586,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             start_delta,
             index,
             reqs,
-            x_shard,
+            x_shard + x_replay,
             x_neg,
             margins,
             config,
@@ -592,6 +607,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     final = wise_side_delta(prior, index, rows).float()
     with torch.no_grad():
         act_edits = prompt_activation(x_edit, final)  # [n_requests], recorded now for the running minimum
+        # each edit's key: its prompt's input at the token the router sees (the most active one)
+        keys = torch.stack([x[torch.linalg.vector_norm(x @ final, dim=-1).argmax()] for x in x_edit])
         act_irr = prompt_activation(x_irr, final)  # [n_irr]
         x_con = [x for xs in x_contrast for x in xs]
         act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
@@ -612,7 +629,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             "act_ratio": config.act_ratio,
             "n_edits": n_earlier + len(requests),
         },
-        tensors={"index": index.cpu(), "rows": rows.detach().float().cpu()},
+        tensors={"index": index.cpu(), "rows": rows.detach().float().cpu(), "keys": keys.cpu()},
         parent=previous.spec_fingerprint if previous is not None else None,
     )
     params = [f"{name}.{n}" for n, _ in unwrap(base_mod).named_parameters()]
@@ -628,6 +645,10 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "heldout_routed_to_side": int((act_held > epsilon).sum()),
         "heldout_facts_max_activation": float(act_hf.max()) if len(act_hf) else None,
         "heldout_facts_routed_to_side": int((act_hf > epsilon).sum()),
+        "earlier_keys_routed_to_side": int(
+            (torch.linalg.vector_norm(chain_keys @ final, dim=-1) > epsilon).sum()
+        ),
+        "earlier_keys": len(chain_keys),
         "rows_changed": int(index.numel()),
         "seconds": time.perf_counter() - t0,
     }
@@ -659,8 +680,9 @@ def _train_shard(
 ) -> tuple[torch.Tensor, dict]:
     """Train the rows ``index`` of the side memory on one shard; returns (rows added [r, d_out], log entry).
 
-    ``x_edit`` holds the shard's edit prompts' projection inputs and ``x_neg`` the irrelevant ones (generic
-    sentences, sampled passages and the shard's contrast prompts), each [n_tokens, d_in]. The layers below
+    ``x_edit`` holds the shard's edit prompts' projection inputs (and the replayed earlier edit keys, one token
+    each) and ``x_neg`` the irrelevant ones (generic sentences, sampled passages and factual prompts, the shard's
+    contrast prompts), each [n_tokens, d_in]. The layers below
     ``layer`` run once (``replay_below``): each step computes the layers from the side memory's up. The
     activations are ``||x @ start + x[:, index] @ rows||``, the first term computed once.
     """
