@@ -321,8 +321,23 @@ def test_mean_activation_penalty_lowers_the_side_memorys_response_to_ordinary_te
     assert mean_sq[50.0] < 0.5 * mean_sq[0.0], mean_sq
 
 
+def test_edit_key_is_the_prompts_input_at_its_most_active_token(loaded, patch):
+    spec = patch.adapters[0]
+    (x,) = module_inputs(loaded, spec.module, [REQ["prompt"]])
+    with patch.applied(loaded):
+        delta = loaded.model.get_submodule(spec.module).delta.float()
+    act = torch.linalg.vector_norm(x @ delta, dim=-1)
+    assert spec.tensors["keys"].shape == (1, x.shape[1])
+    assert torch.allclose(spec.tensors["keys"][0], x[act.argmax()])
+    assert torch.linalg.vector_norm(spec.tensors["keys"] @ delta, dim=-1).item() == pytest.approx(
+        patch.info["edit_activations"][0], rel=1e-5
+    )
+
+
 def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path):
-    assert EditPatch.load(patch.save(tmp_path / "w0")).adapters[0].config == patch.adapters[0].config
+    back = EditPatch.load(patch.save(tmp_path / "w0")).adapters[0]
+    assert back.config == patch.adapters[0].config
+    assert torch.equal(back.tensors["keys"], patch.adapters[0].tensors["keys"]), "the edit keys travel too"
     want, got = reload_scores(patch, loaded, tmp_path / "w", [REQ["prompt"], REQ2["prompt"], *IRRELEVANT])
     assert got == want
 
@@ -348,6 +363,10 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     )
     assert spec.config["epsilon"] == pytest.approx(spec.config["act_ratio"] * spec.config["min_act"])
     assert not torch.equal(spec.tensors["index"], patch.adapters[0].tensors["index"]), "a new random mask"
+    assert second.info["earlier_keys"] == 1 and second.info["shards"][0]["edit_inputs"] == 2, (
+        "the first edit's key is replayed beside the second's prompt"
+    )
+    assert second.info["earlier_keys_routed_to_side"] == 1, "the first edit stays routed"
     first_memory = first.delta.clone()
     session.apply(second)
     wrapper = loaded.model.get_submodule(name)
@@ -356,6 +375,8 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     grown = first_memory.clone()
     grown.index_add_(0, spec.tensors["index"], spec.tensors["rows"])
     assert torch.equal(wrapper.delta, grown), "the side memory is the first one plus the rows the second adds"
+    assert torch.equal(wrapper.keys, torch.cat([first.keys, spec.tensors["keys"]])), "the chain's edit keys"
+    assert first.keys.shape[0] == 1, "the first wrapper's view is unchanged"
     scores = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
     assert scores[0] > base_scores[0] and scores[1] > base_scores[1], (base_scores, scores)
     session.undo()

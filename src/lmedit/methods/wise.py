@@ -701,7 +701,12 @@ def _train_shard(
         base_out = base_mod(x) if recompute_base else out  # an installed WISE wrapper's output is routed
         return base_out + x @ state["delta"].to(x.dtype)
 
-    entry: dict = {"edits": len(requests), "rows": int(idx.numel()), "irrelevant": len(x_neg)}
+    entry: dict = {
+        "edits": len(requests),
+        "rows": int(idx.numel()),
+        "edit_inputs": len(x_edit),
+        "irrelevant": len(x_neg),
+    }
     start = start_delta.to(device)
     act_edit = ShardActivations([x.to(device) for x in x_edit], start, idx)
     act_neg = ShardActivations([x.to(device) for x in x_neg], start, idx)
