@@ -450,8 +450,9 @@ def fact_gen(seed: int, stream_pos: int) -> torch.Generator:
 class ShardActivations:
     """``prompt_activation(xs, start + rows at index)`` as a function of the trainable ``rows``.
 
-    The prompts are padded into one tensor (``_padded``) and ``x @ start`` is computed once, so each call costs
-    ``x[:, index] @ rows`` for all prompts at once.
+    Every prompt's tokens go into one flat [T, d_in] tensor (no padding: sampled passages of 48 tokens and
+    prompts of 10 are mixed) and ``x @ start`` is computed once, so each call costs ``x[:, index] @ rows`` for
+    all tokens at once and a per-prompt max (``scatter_reduce``).
 
     Args:
         xs: per prompt, the projection inputs [n_tokens, d_in].
@@ -460,12 +461,17 @@ class ShardActivations:
     """
 
     def __init__(self, xs: list[torch.Tensor], start: torch.Tensor, index: torch.Tensor):
-        pad = _padded(xs)  # [P, n, d_in]
-        self.fixed = pad @ start  # [P, n, d_out]
-        self.sub = pad[..., index]  # [P, n, r]
+        flat = torch.cat(xs)  # [T, d_in]
+        self.fixed = flat @ start  # [T, d_out]
+        self.sub = flat[:, index]  # [T, r]
+        self.prompt = torch.repeat_interleave(
+            torch.arange(len(xs), device=flat.device), torch.tensor([len(x) for x in xs], device=flat.device)
+        )  # [T]: the prompt of each token
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:  # [P]
-        return torch.linalg.vector_norm(self.fixed + self.sub @ rows, dim=-1).amax(dim=1)
+        norms = torch.linalg.vector_norm(self.fixed + self.sub @ rows, dim=-1)  # [T]
+        out = norms.new_zeros(int(self.prompt[-1]) + 1)
+        return out.scatter_reduce(0, self.prompt, norms, "amax", include_self=False)
 
 
 class MeanSquareActivation:
@@ -483,18 +489,6 @@ class MeanSquareActivation:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         return (rows * (self.block @ rows)).sum()
-
-
-def _padded(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Per-prompt inputs [n_i, d_in] stacked into [P, max n_i, d_in], zero rows as padding.
-
-    A zero row's activation ``||0 @ delta||`` is 0, never above a real token's, so the max over tokens of the
-    padded tensor is each prompt's activation (``prompt_activation``).
-    """
-    out = xs[0].new_zeros(len(xs), max(len(x) for x in xs), xs[0].shape[1])
-    for i, x in enumerate(xs):
-        out[i, : len(x)] = x
-    return out
 
 
 def _nll(loaded, batch: tokens.PairBatch) -> torch.Tensor:
