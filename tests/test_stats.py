@@ -114,6 +114,30 @@ def test_editing_mlp_out_keeps_the_cache_but_other_weights_do_not(loaded, corpus
         assert len(list(root.rglob("*.json"))) == 2
 
 
+def test_tensor_digests_are_memoised_until_the_tensor_changes(monkeypatch):
+    import gc
+
+    from lmedit.core import stats
+
+    calls = []
+    real = stats._hash_tensor
+    monkeypatch.setattr(stats, "_hash_tensor", lambda t: calls.append(1) or real(t))
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    first = stats._tensor_digest(p)
+    assert stats._tensor_digest(p) == first and len(calls) == 1, "unchanged: not hashed again"
+    with torch.no_grad():
+        p.mul_(2.0)
+    assert stats._tensor_digest(p) != first and len(calls) == 2, "an in-place write is seen"
+    p.data = torch.randn(8, 4)
+    assert stats._tensor_digest(p) not in (first,) and len(calls) == 3, "a replaced storage is seen"
+    twin = torch.nn.Parameter(p.detach().clone())
+    assert stats._tensor_digest(twin) == stats._tensor_digest(p), "the digest is of the values"
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in stats._DIGESTS, "entries leave with their tensor"
+
+
 def test_resume_after_interruption(loaded, corpus_file, tmp_path):
     root = tmp_path / "cache"
     full = key_stats(

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,28 @@ class KeyStats:
     provenance: dict = field(default_factory=dict)
 
 
+#: id(tensor) -> (weak reference, state it was hashed in, digest): a parameter is re-hashed only after it changed
+_DIGESTS: dict[int, tuple[weakref.ref, tuple, bytes]] = {}
+
+
 def _tensor_digest(t: torch.Tensor) -> bytes:
+    """SHA-256 of ``t``'s dtype, shape and values, memoised per tensor object until it changes.
+
+    The memo is keyed on the tensor's storage address and version counter: every in-place write (``add_``,
+    ``copy_``, an applied patch) bumps the counter and ``p.data = ...`` moves the storage, so a changed
+    parameter is hashed again; an unchanged one costs nothing (hashing Gemma 3 270M's 12 layers took 1.6 s).
+    """
+    state = (t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+    key = id(t)
+    hit = _DIGESTS.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == state:
+        return hit[2]
+    digest = _hash_tensor(t)
+    _DIGESTS[key] = (weakref.ref(t, lambda _ref, k=key: _DIGESTS.pop(k, None)), state, digest)
+    return digest
+
+
+def _hash_tensor(t: torch.Tensor) -> bytes:
     t = t.detach()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     flat = t.reshape(-1)
