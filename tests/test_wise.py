@@ -352,8 +352,13 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     # no sampled passages here: with 13 trainable rows the tiny model cannot keep 16 of them silent and the
     # first edit routed at once (the chain's mechanics are under test, not the routing's capacity)
     second = lmedit.edit(
+        loaded, REQ2, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_corpus=None, replay_keys=8,
+        **FAST,
+    )  # fmt: skip
+    no_replay = lmedit.edit(
         loaded, REQ2, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_corpus=None, **FAST
     )
+    assert no_replay.info["shards"][0]["edit_inputs"] == 1, "replay is off by default"
     spec = second.adapters[0]
     assert spec.parent == first.spec_fingerprint
     assert spec.config["n_edits"] == 2

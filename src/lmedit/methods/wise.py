@@ -186,11 +186,11 @@ class WiseConfig(MethodConfig):
         "template alone does not open the side memory (our addition to the paper; [] turns it off).",
     )
     replay_keys: int = hp(
-        64,
+        0,
         "Edit keys of earlier patches of the chain (each edit prompt's input at its most active token, stored in "
-        "the patch) that each shard keeps above the edit margins, sampled per shard; without them a shard that "
-        "learns to stay silent on factual prompts about other subjects silences earlier edits too (our addition; "
-        "0 turns it off).",
+        "the patch) that each shard keeps above the edit margins, sampled per shard: with irrelevant_facts a shard "
+        "that learns to stay silent on factual prompts about other subjects silences earlier edits too (our "
+        "addition; 0: off, the default - measured trade-off in docs/weight-preserving.md).",
     )
     cov_weight: float = hp(
         0.0,
