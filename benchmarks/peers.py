@@ -205,6 +205,13 @@ def main() -> int:
     ap.add_argument("--stats-corpus", default=str(SHARED / "wikitext-2" / "test.txt"))
     ap.add_argument("--stats-tokens", type=int, default=120_000)
     ap.add_argument("--stats-seq-len", type=int, default=512)
+    ap.add_argument(
+        "--templates",
+        type=int,
+        default=None,
+        help="lmedit's context templates: the plain prompt and the first N-1 bundled ones (default: all 11; "
+        "EasyEdit's MEMIT generates 1 + 5, its ROME 1 + 20)",
+    )
     ap.add_argument("--peers", default="easyedit,fastedit", help="comma list, '' for lmedit only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="result JSON (peer logs go beside it)")
@@ -238,6 +245,12 @@ def main() -> int:
         stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens, stats_seq_len=args.stats_seq_len,
         v_steps=25, v_lr=0.5, kl_factor=0.0625, clamp_norm_factor=4.0, v_weight_decay=1e-3,
     )  # fmt: skip
+    if args.templates is not None:
+        from lmedit.core.keys import DEFAULT_TEMPLATES
+
+        if not 1 <= args.templates <= len(DEFAULT_TEMPLATES):
+            raise SystemExit(f"--templates must be 1..{len(DEFAULT_TEMPLATES)}, got {args.templates}")
+        common["context_templates"] = list(DEFAULT_TEMPLATES[: args.templates])
     result: dict = {"model": args.model, "model_dir": model_dir, "args": vars(args), "date": time.ctime()}
     with tempfile.TemporaryDirectory() as tmp:
         cases_path = Path(tmp) / "cases.json"
