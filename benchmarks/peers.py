@@ -16,7 +16,9 @@ process, then each peer as a child process with its own virtualenv (``benchmarks
   FastEdit has no statistics;
 - value optimisation: EasyEdit's llama yaml for all: 25 steps, lr 0.5, KL 0.0625, clamp 4, weight decay 1e-3
   (lmedit's default weight decay is ROME's 0.5: the loss then rarely falls below the early-stop 0.05);
-- protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch.
+- protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch;
+- context templates: lmedit's default 11 (``--templates N`` keeps the plain prompt and the first N-1; EasyEdit's
+  MEMIT generates 1 + 5 and its ROME 1 + 20, so ``--templates 6`` matches its MEMIT's work per step).
 
 Reported per system: edit wall seconds per request (ROME median; MEMIT the batch / n), statistics seconds for the
 MEMIT layers, the process's peak RSS, and teacher-forced token accuracies (lmedit's reliability_tf /
