@@ -253,19 +253,25 @@ def test_edit_leaves_model_identical_raises_target_and_routes(loaded, patch):
     assert same(loaded.model, snap)
 
 
+def _held_out_activations(loaded, inputs, **config):
+    """A WISE edit of REQ (every row trainable) and the activations of ``inputs(module path)`` under it."""
+    p = lmedit.edit(
+        loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, mask_ratio=1.0, steps=60, lr=0.2, **config
+    )
+    path = p.adapters[0].module
+    with p.applied(loaded):
+        return p, prompt_activation(inputs(path), loaded.model.get_submodule(path).delta)
+
+
 def test_sampled_passages_keep_held_out_text_on_the_main_memory(loaded):
     """Fixed sentences alone leave ordinary text routed to the side memory; sampled passages do not."""
     held = corpus_windows(loaded, "gensim-wiki", 1024, 48)[-HELDOUT_WINDOWS:]
     routed = {}
     for corpus in (None, "gensim-wiki"):
-        p = lmedit.edit(
-            loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_corpus=corpus,
-            mask_ratio=1.0, steps=60, lr=0.2,
-        )  # fmt: skip
+        p, act = _held_out_activations(
+            loaded, lambda path: window_inputs(loaded, path, held), irrelevant_corpus=corpus
+        )
         spec = p.adapters[0]
-        with p.applied(loaded):
-            delta = loaded.model.get_submodule(spec.module).delta
-            act = prompt_activation(window_inputs(loaded, spec.module, held), delta)
         routed[corpus] = int((act > spec.config["epsilon"]).sum())
         if corpus is not None:
             assert p.info["heldout_routed_to_side"] == routed[corpus], "the patch's own held-out check"
@@ -280,14 +286,11 @@ def test_factual_pool_keeps_held_out_factual_prompts_on_the_main_memory(loaded):
     held = list(fact_pool("bundled", 0)[-HELDOUT_FACTS:])
     routed, ratio = {}, {}
     for facts in (None, "bundled"):
-        p = lmedit.edit(
-            loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_facts=facts,
-            irrelevant_corpus=None, contrast_subjects=[], mask_ratio=1.0, steps=60, lr=0.2,
+        p, act = _held_out_activations(
+            loaded, lambda path: module_inputs(loaded, path, held), irrelevant_facts=facts,
+            irrelevant_corpus=None, contrast_subjects=[],
         )  # fmt: skip
         spec = p.adapters[0]
-        with p.applied(loaded):
-            delta = loaded.model.get_submodule(spec.module).delta
-            act = prompt_activation(module_inputs(loaded, spec.module, held), delta)
         routed[facts] = int((act > spec.config["epsilon"]).sum())
         ratio[facts] = act.max().item() / spec.config["epsilon"]
         assert p.info["edit_activations"][0] > spec.config["epsilon"]
