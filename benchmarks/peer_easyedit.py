@@ -411,11 +411,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="v_num_grad_steps (EasyEdit llama yaml: 25)")
     p.add_argument("--lr", type=float, default=0.5, help="v_lr (EasyEdit llama yaml: 5e-1)")
     p.add_argument("--mom2-update-weight", type=float, default=15000, help="MEMIT (EasyEdit llama yaml)")
+    p.add_argument(
+        "--save-deltas",
+        default=None,
+        help="MEMIT: write the batch's weight changes (edited - original rewrite weights) to this safetensors "
+        "file, so that lmedit can score EasyEdit's edit with its own evaluator",
+    )
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()
-    for a in ("cases", "out", "stats_corpus", "stats_dir", "model_dir"):
+    if args.save_deltas and args.method != "memit":
+        raise SystemExit(
+            "--save-deltas is for MEMIT (one batch); ROME restores the weights after every request"
+        )
+    for a in ("cases", "out", "stats_corpus", "stats_dir", "model_dir", "save_deltas"):
         if getattr(args, a):
             setattr(args, a, str(Path(getattr(args, a)).expanduser().resolve()))
     if args.threads:
@@ -526,10 +536,21 @@ def main(argv: list[str] | None = None) -> int:
     algo_cpu: list[float] = []
     orig_algo = editor.apply_algo
 
+    rewrite = [hp.rewrite_module_tmp.format(layer) + ".weight" for layer in layers]
+    saved_deltas: list[str] = []
+
     def cpu_timed_algo(*a, **k):
+        params = dict(model.named_parameters())
+        before = {n: params[n].detach().clone() for n in rewrite} if args.save_deltas else {}
         c0 = time.process_time()
         out = orig_algo(*a, **k)
         algo_cpu.append(time.process_time() - c0)
+        # the algorithm edits the model in place (copy=False); keep_original_weight restores it later
+        if before:
+            from safetensors.torch import save_file
+
+            save_file({n: (params[n].detach() - w).contiguous() for n, w in before.items()}, args.save_deltas)
+            saved_deltas.append(args.save_deltas)
         return out
 
     editor.apply_algo = cpu_timed_algo
@@ -680,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             **run_timing(t_start, load_before),
         },
         **run_outcome(per_case, workarounds, redirect),
+        "deltas": saved_deltas[-1] if saved_deltas else None,
         "versions": versions("easyeditor", "torch", "transformers", "torchvision", "numpy"),
         "notes": [
             "edit_s = EasyEdit's own per-request 'time' (apply_algo wall time) minus any statistics computed "

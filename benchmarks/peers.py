@@ -25,6 +25,11 @@ MEMIT layers, the process's peak RSS, and teacher-forced token accuracies (lmedi
 generalization_tf / locality_tf, EasyEdit's rewrite_acc / rephrase_acc / locality_acc and FastEdit's runner
 computing EasyEdit's definitions: token accuracy of the target given the prompt; locality = agreement with the
 pre-edit model's argmax tokens). The ratios peer / lmedit are printed and stored in ``--out``.
+
+EasyEdit's MEMIT batch is also scored by lmedit's own evaluator (row "easyedit (lmedit's scoring)"): its runner
+saves the weight changes of the batch (``--save-deltas``) and this script applies them to lmedit's copy of the
+model as an ``EditPatch`` of dense deltas and scores the same cases as lmedit's MEMIT run (every paraphrase, the
+in-scope locality rule), so a score gap between the two rows above it is the algorithm's, not the evaluation's.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ def run_lmedit(args, loaded, cases, common: dict) -> dict:
     return out
 
 
-def run_peer(name: str, method: str, n: int, model_dir: str, cases_path: Path, args, stats_dir: Path) -> dict:
+def run_peer(name: str, method: str, n: int, loaded, cases, cases_path: Path, args, stats_dir: Path) -> dict:
     python, script, methods = RUNNERS[name]
     if method not in methods:
         return {"skipped": f"{name} has no {method}"}
@@ -121,6 +126,7 @@ def run_peer(name: str, method: str, n: int, model_dir: str, cases_path: Path, a
     layers = args.memit_layers if method == "memit" else [args.rome_layer]
     with tempfile.TemporaryDirectory() as tmp:
         res_path = Path(tmp) / "result.json"
+        model_dir = loaded.source.get("cache") or loaded.source.get("path")
         cmd = [str(python), str(script), "--model-dir", model_dir, "--cases", str(cases_path), "--n", str(n),
                "--method", method, "--layers", ",".join(map(str, layers)), "--threads", str(args.threads),
                "--stats-corpus", args.stats_corpus, "--stats-tokens", str(args.stats_tokens),
@@ -128,13 +134,47 @@ def run_peer(name: str, method: str, n: int, model_dir: str, cases_path: Path, a
         if name == "easyedit":
             cmd += ["--stats-seq-len", str(args.stats_seq_len), "--stats-dir", str(stats_dir)]
             cmd += ["--mom2-update-weight", str(args.mom2_update_weight)]
+            if method == "memit":
+                cmd += ["--save-deltas", str(Path(tmp) / "deltas.safetensors")]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         log = Path(args.out).with_suffix(f".{name}-{method}.log") if args.out else Path(os.devnull)
         with open(log, "w") as fh:
             proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             return {"failed": f"exit {proc.returncode}; log: {log}"}
-        return json.loads(res_path.read_text())
+        res = json.loads(res_path.read_text())
+        if res.get("deltas"):  # the peer's edit, scored by lmedit's evaluator (read before tmp goes away)
+            from safetensors.torch import load_file
+
+            res["lmedit_scored"] = score_deltas(loaded, cases[:n], load_file(res["deltas"]))
+        return res
+
+
+def score_deltas(loaded, cases, deltas: dict) -> dict:
+    """lmedit's metrics (batch protocol, teacher-forced) of a peer's weight changes ``{param name: delta}``.
+
+    The changes go through an ``EditPatch`` of dense deltas, so they are applied and reverted by the same
+    mechanism as lmedit's own edits; the cases and the in-scope locality rule are those of lmedit's MEMIT run.
+    """
+    from lmedit.core.delta import DenseDelta
+    from lmedit.core.patch import EditPatch
+    from lmedit.evaluate import metrics as M
+    from lmedit.evaluate.protocols import ScoringSettings, case_metrics, in_scope_locality, score_cases
+
+    kept, _dropped = in_scope_locality(list(cases), len(cases), "batch")
+    settings = ScoringSettings(families=("tf",))
+    pre = score_cases(loaded, kept, settings)
+    patch = EditPatch(
+        method="external",
+        config={},
+        requests=[],
+        deltas=[DenseDelta(name, d) for name, d in deltas.items()],
+        base=EditPatch.base_of(loaded, list(deltas)),
+    )
+    with patch.applied(loaded.model):
+        post = score_cases(loaded, kept, settings)
+    agg = M.aggregate([case_metrics(c, po, pr, settings) for c, po, pr in zip(kept, post, pre)])
+    return {ours: agg.get(ours) for ours in METRIC_NAMES}
 
 
 def peer_summary(method: str, res: dict) -> dict:
@@ -156,6 +196,7 @@ def peer_summary(method: str, res: dict) -> dict:
         "peak_rss_mib_process": max(res["memory"]["peak_rss_mib_per_request"] or [float("nan")]),
         "metrics": {ours: post.get(theirs) for ours, theirs in METRIC_NAMES.items()},
         "pre": {ours: res["metrics"]["pre"].get(theirs) for ours, theirs in METRIC_NAMES.items()},
+        "lmedit_scored": res.get("lmedit_scored"),
     }
 
 
@@ -190,6 +231,10 @@ def print_table(result: dict, peers: list[str]) -> None:
             rows.append((p, method, _fmt(r["edit_s_per_request"]), f"{r['edit_ratio']:.1f}x", _fmt(r_cpu),
                          f"{r['edit_cpu_ratio']:.1f}x" if "edit_cpu_ratio" in r else "", _fmt(r["stats_s"]), f"{r['stats_ratio']:.1f}x" if "stats_ratio" in r else "",
                          _fmt(r["peak_rss_mib_process"]), *(_fmt(r["metrics"][k]) for k in METRIC_NAMES)))  # fmt: skip
+            # the same edit under lmedit's evaluator: these scores compare like for like with lmedit's row
+            if r.get("lmedit_scored"):
+                rows.append((f"{p} (lmedit's scoring)", method, "", "", "", "", "", "", "",
+                             *(_fmt(r["lmedit_scored"][k]) for k in METRIC_NAMES)))  # fmt: skip
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
@@ -266,7 +311,7 @@ def main() -> int:
             for method, n in (("memit", args.memit_n), ("rome", args.rome_n)):
                 if n:
                     print(f"{p}: {method} x{n} ...", flush=True)
-                    raw = run_peer(p, method, n, model_dir, cases_path, args, stats_dir)
+                    raw = run_peer(p, method, n, loaded, cases, cases_path, args, stats_dir)
                     result.setdefault(p, {})[method] = peer_summary(method, raw)
                     if args.out:  # after every stage, so a late failure keeps what was measured
                         Path(args.out).write_text(json.dumps(result, indent=1))
