@@ -10,6 +10,7 @@ from lmedit.core.adapters import AdapterSpec, WiseSideMemory, install_adapters, 
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError, PatchError
 from lmedit.methods.wise import (
+    CONTRAST_SUBJECTS,
     HELDOUT_FACTS,
     HELDOUT_WINDOWS,
     UNRELATED_PROMPTS,
@@ -335,6 +336,10 @@ def test_edit_key_is_the_prompts_input_at_its_most_active_token(loaded, patch):
     assert torch.linalg.vector_norm(spec.tensors["keys"] @ delta, dim=-1).item() == pytest.approx(
         patch.info["edit_activations"][0], rel=1e-5
     )
+    contrast = contrast_prompts(EditRequest.from_dict(REQ), CONTRAST_SUBJECTS)
+    want = torch.stack([x[torch.linalg.vector_norm(x @ delta, dim=-1).argmax()] for x in
+                        module_inputs(loaded, spec.module, contrast)])  # fmt: skip
+    assert torch.allclose(spec.tensors["contrast_keys"], want), "each contrast prompt's most active input"
 
 
 def test_save_load_reproduces_outputs_on_a_fresh_copy(loaded, patch, tmp_path):
@@ -375,6 +380,11 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
         "the first edit's key is replayed beside the second's prompt"
     )
     assert second.info["earlier_keys_routed_to_side"] == 1, "the first edit stays routed"
+    n_contrast = patch.adapters[0].tensors["contrast_keys"].shape[0]
+    assert n_contrast == len(CONTRAST_SUBJECTS)
+    assert second.info["shards"][0]["irrelevant"] == no_replay.info["shards"][0]["irrelevant"] + n_contrast, (
+        "the first edit's contrast keys are replayed as irrelevant inputs"
+    )
     first_memory = first.delta.clone()
     session.apply(second)
     wrapper = loaded.model.get_submodule(name)
@@ -385,6 +395,7 @@ def test_lifelong_second_patch_extends_the_side_memory_and_undo_restores(loaded,
     assert torch.equal(wrapper.delta, grown), "the side memory is the first one plus the rows the second adds"
     assert torch.equal(wrapper.keys, torch.cat([first.keys, spec.tensors["keys"]])), "the chain's edit keys"
     assert first.keys.shape[0] == 1, "the first wrapper's view is unchanged"
+    assert torch.equal(wrapper.contrast_keys, torch.cat([first.contrast_keys, spec.tensors["contrast_keys"]]))
     scores = lp(loaded, [REQ["prompt"]])[0], lp(loaded, [REQ2["prompt"]], " English")[0]
     assert scores[0] > base_scores[0] and scores[1] > base_scores[1], (base_scores, scores)
     session.undo()
@@ -420,3 +431,18 @@ def test_replaying_the_layers_below_the_side_memory_changes_nothing(loaded, patc
     monkeypatch.setattr(wise, "replay_below", lambda *a: contextlib.nullcontext())
     full = lmedit.edit(loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, **FAST)
     assert torch.equal(full.adapters[0].tensors["rows"], patch.adapters[0].tensors["rows"])
+
+
+def test_act_floor_keeps_an_edit_that_missed_beta_from_lowering_the_threshold(loaded):
+    # one tiny step: the edit's activation stays far below beta
+    kw = dict(irrelevant_prompts=IRRELEVANT, irrelevant_corpus=None, steps=1, lr=1e-3)
+    plain = lmedit.edit(loaded, REQ, method="wise", **kw)
+    floored = lmedit.edit(loaded, REQ, method="wise", act_floor=True, **kw)
+    act = plain.info["edit_activations"][0]
+    assert floored.info["edit_activations"][0] == act, "the floor changes the threshold only, not training"
+    beta = floored.config["act_margin"][1] * floored.info["scale"]
+    assert act < beta
+    assert plain.info["epsilon"] == pytest.approx(plain.config["act_ratio"] * act)
+    assert plain.info["edits_below_epsilon"] == 0
+    assert floored.info["epsilon"] == pytest.approx(floored.config["act_ratio"] * beta)
+    assert floored.info["edits_below_epsilon"] == 1, "the edit that missed its margin is not routed"

@@ -280,7 +280,9 @@ class WiseSideMemory(AdapterWrapper):
     is taken out, so undo is bit-exact and a chain of N patches holds one dense side memory.
 
     Optional ``keys`` [n, d_in]: the patch's edit keys (each edit prompt's input at its most active token), which
-    later patches keep routed; the buffer ``keys`` holds the whole chain's, in one shared growing storage.
+    later patches keep routed, and ``contrast_keys`` [m, d_in]: its contrast prompts' inputs at their most active
+    token, which later patches keep on the main memory; the buffers of the same names hold the whole chain's,
+    each in one shared growing storage.
     """
 
     kind = "wise"
@@ -302,24 +304,27 @@ class WiseSideMemory(AdapterWrapper):
                 f"row indices {tuple(index.shape)}, rows {tuple(rows.shape)} after extending "
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
-        new_keys = tensors.get("keys", rows.new_zeros(0, d_in))
-        old_keys = previous.keys if previous is not None else new_keys[:0]
-        if new_keys.dim() != 2 or new_keys.shape[1] != d_in or old_keys.shape[1] != d_in:
-            raise PatchError(
-                f"WISE adapter at {self.spec.module}: edit keys {tuple(new_keys.shape)} after "
-                f"{tuple(old_keys.shape)}, expected [n, {d_in}]; the patch is corrupt"
-            )
         stores = getattr(previous, "_stores", {}) if previous is not None else {}
-        self._stores = {"keys": _RowStore.extend(stores.get("keys"), old_keys, new_keys)}
-        keys = self._stores["keys"].view()
+        self._stores = {}
+        for name in ("keys", "contrast_keys"):
+            new_keys = tensors.get(name, rows.new_zeros(0, d_in))
+            old_keys = getattr(previous, name, None) if previous is not None else None
+            old_keys = new_keys[:0] if old_keys is None else old_keys
+            if new_keys.dim() != 2 or new_keys.shape[1] != d_in or old_keys.shape[1] != d_in:
+                raise PatchError(
+                    f"WISE adapter at {self.spec.module}: {name} {tuple(new_keys.shape)} after "
+                    f"{tuple(old_keys.shape)}, expected [n, {d_in}]; the patch is corrupt"
+                )
+            self._stores[name] = _RowStore.extend(stores.get(name), old_keys, new_keys)
+        keys = {name: store.view() for name, store in self._stores.items()}
         if previous is None:
-            return {"delta": wise_side_delta(base, index, rows), "keys": keys}
+            return {"delta": wise_side_delta(base, index, rows), **keys}
         # extend the replaced adapter's side memory in place: keep only the rows this patch overwrites, so a
         # chain of N patches holds one side memory plus N patches' rows, not N copies (restored in release())
         idx = index.to(base.device)
         self._saved = (previous.delta, idx, previous.delta[idx].clone())
         base.index_add_(0, idx, rows.to(device=base.device, dtype=base.dtype))
-        return {"delta": base, "keys": keys}
+        return {"delta": base, **keys}
 
     def release(self) -> None:
         saved = getattr(self, "_saved", None)

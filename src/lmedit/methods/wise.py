@@ -141,6 +141,11 @@ class WiseConfig(MethodConfig):
         "Routing threshold epsilon = act_ratio * the smallest activation over the chain's edit prompts, each "
         "recorded when its patch was made.",
     )
+    act_floor: bool = hp(
+        False,
+        "Floor the threshold at act_ratio * beta (our addition): an edit whose activation stayed below beta (its "
+        "shard missed the margin) is then not routed, instead of lowering epsilon for every later input.",
+    )
     edits_per_shard: int = hp(
         5,
         "Edits trained together in one shard; a patch with more requests trains several shards and merges them.",
@@ -189,8 +194,10 @@ class WiseConfig(MethodConfig):
         0,
         "Edit keys of earlier patches of the chain (each edit prompt's input at its most active token, stored in "
         "the patch) that each shard keeps above the edit margins, sampled per shard: with irrelevant_facts a shard "
-        "that learns to stay silent on factual prompts about other subjects silences earlier edits too (our "
-        "addition; 0: off, the default - measured trade-off in docs/weight-preserving.md).",
+        "that learns to stay silent on factual prompts about other subjects silences earlier edits too. As many "
+        "of the earlier edits' contrast keys (their contrast prompts' inputs at the most active token) are kept "
+        "below the irrelevant margin, so the replayed keys do not reopen their neighbours (our addition; 0: off, "
+        "the default - measured trade-off in docs/weight-preserving.md).",
     )
     cov_weight: float = hp(
         0.0,
@@ -442,6 +449,19 @@ def _shard_draws(
     return rows, passages
 
 
+def most_active(xs: list[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """Each input's row at its most active token under the side memory ``delta`` (the token the router sees).
+
+    Args:
+        xs: per prompt [n_tokens, d_in]; delta: [d_in, d_out].
+    Returns:
+        [len(xs), d_in] (``[0, d_in]`` for no prompts).
+    """
+    if not xs:
+        return delta.new_zeros(0, delta.shape[0])
+    return torch.stack([x[torch.linalg.vector_norm(x @ delta, dim=-1).argmax()] for x in xs])
+
+
 def fact_gen(seed: int, stream_pos: int) -> torch.Generator:
     """The generator of a shard's draw from the factual pool (independent of ``_shard_draws``'s)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stream_pos + 500_009)
@@ -542,10 +562,12 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     if previous is not None:
         start_delta = previous.delta.detach().float()
         chain_keys = previous.keys.detach().float()  # [n_earlier_keys, d_in]
+        chain_contrast = previous.contrast_keys.detach().float()  # [n_earlier_contrast, d_in]
         n_earlier, earlier_min = int(previous.spec.config["n_edits"]), float(previous.spec.config["min_act"])
     else:
         start_delta = torch.zeros(d_in, d_out, device=device)
         chain_keys = torch.zeros(0, d_in, device=device)
+        chain_contrast = chain_keys
         n_earlier, earlier_min = 0, float("inf")
 
     mom2 = None
@@ -568,9 +590,12 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             fact_gen(config.seed, n_earlier + s),
         )
         x_facts = module_inputs(loaded, path, facts) if facts else []
-        replay = torch.randperm(len(chain_keys), generator=fact_gen(config.seed, -1 - n_earlier - s))
-        x_replay = list(chain_keys[replay[: config.replay_keys]].unsqueeze(1))  # one-token inputs [1, d_in]
+        gen = fact_gen(config.seed, -1 - n_earlier - s)
+        replay = torch.randperm(len(chain_keys), generator=gen)[: config.replay_keys]
+        x_replay = list(chain_keys[replay].unsqueeze(1))  # one-token inputs [1, d_in]
+        replay = torch.randperm(len(chain_contrast), generator=gen)[: config.replay_keys]
         x_neg = x_irr + x_passages + x_facts + [x for xs in x_contrast[s : s + len(reqs)] for x in xs]
+        x_neg += list(chain_contrast[replay].unsqueeze(1))
         rows, entry = _train_shard(
             loaded,
             layer,
@@ -602,16 +627,17 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     with torch.no_grad():
         act_edits = prompt_activation(x_edit, final)  # [n_requests], recorded now for the running minimum
         # each edit's key: its prompt's input at the token the router sees (the most active one)
-        keys = torch.stack([x[torch.linalg.vector_norm(x @ final, dim=-1).argmax()] for x in x_edit])
+        keys = most_active(x_edit, final)  # [n_requests, d_in]
         act_irr = prompt_activation(x_irr, final)  # [n_irr]
         x_con = [x for xs in x_contrast for x in xs]
+        contrast_keys = most_active(x_con, final)  # [n_contrast, d_in]
         act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
         x_held = window_inputs(loaded, path, heldout) if len(heldout) else []
         act_held = prompt_activation(x_held, final) if x_held else act_irr[:0]  # [HELDOUT_WINDOWS]
         x_hf = module_inputs(loaded, path, held_facts) if held_facts else []
         act_hf = prompt_activation(x_hf, final) if x_hf else act_irr[:0]  # [<= HELDOUT_FACTS]
     min_act = min(earlier_min, float(act_edits.min()))
-    epsilon = config.act_ratio * min_act
+    epsilon = config.act_ratio * (max(min_act, margins[1]) if config.act_floor else min_act)
     spec = AdapterSpec(
         "wise",
         name,
@@ -623,7 +649,12 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             "act_ratio": config.act_ratio,
             "n_edits": n_earlier + len(requests),
         },
-        tensors={"index": index.cpu(), "rows": rows.detach().float().cpu(), "keys": keys.cpu()},
+        tensors={
+            "index": index.cpu(),
+            "rows": rows.detach().float().cpu(),
+            "keys": keys.cpu(),
+            "contrast_keys": contrast_keys.cpu(),
+        },
         parent=previous.spec_fingerprint if previous is not None else None,
     )
     params = [f"{name}.{n}" for n, _ in unwrap(base_mod).named_parameters()]
@@ -632,6 +663,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "epsilon": epsilon,
         "scale": scale,
         "edit_activations": act_edits.tolist(),
+        "edits_below_epsilon": int((act_edits <= epsilon).sum()),
         "irrelevant_max_activation": float(act_irr.max()),
         "irrelevant_routed_to_side": int((act_irr > epsilon).sum()),
         "contrast_routed_to_side": int((act_con > epsilon).sum()),
@@ -643,6 +675,9 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             (torch.linalg.vector_norm(chain_keys @ final, dim=-1) > epsilon).sum()
         ),
         "earlier_keys": len(chain_keys),
+        "earlier_contrast_keys_routed_to_side": int(
+            (torch.linalg.vector_norm(chain_contrast @ final, dim=-1) > epsilon).sum()
+        ),
         "rows_changed": int(index.numel()),
         "seconds": time.perf_counter() - t0,
     }
