@@ -57,8 +57,8 @@ it changed (``index``, ``rows``), the threshold, the running minimum activation 
     >>> session.apply(lmedit.edit(loaded, req1, method="wise"))
     >>> session.apply(lmedit.edit(loaded, req2, method="wise"))   # the same side memory, extended
 
-Not implemented from the paper: WISE-Retrieve (several side memories with top-1 activation retrieval) and the
-replay of earlier edits during later training. Different: the mask selects rows, not single entries (so a patch
+Not implemented from the paper: WISE-Retrieve (several side memories with top-1 activation retrieval) and its
+replay of earlier edits' training data (``replay_keys`` replays their keys instead). Different: the mask selects rows, not single entries (so a patch
 stores only the rows it changed), the optimiser is Adam (the paper's is SGD), and during cached generation each
 token after the first generated one is routed by its own activation (a decoding step sees one position).
 """
