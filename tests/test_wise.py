@@ -21,6 +21,7 @@ from lmedit.methods.wise import (
     corpus_windows,
     fact_gen,
     fact_pool,
+    fact_subjects,
     merge_shards,
     module_inputs,
     pick_facts,
@@ -204,6 +205,10 @@ def test_config_validation(loaded):
         lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", irrelevant_fact_samples=0)
     with pytest.raises(ConfigError, match="lower irrelevant_facts_from"):
         lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", irrelevant_facts_from=365)
+    with pytest.raises(ConfigError, match="fact_contrast takes its subjects from irrelevant_facts"):
+        lmedit.edit(loaded, REQ, method="wise", fact_contrast=4)
+    with pytest.raises(ConfigError, match="fact_contrast must be >= 0"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", fact_contrast=-1)
 
 
 def test_corpus_windows_are_full_length_packed_windows_or_a_clear_error(loaded, tmp_path):
@@ -446,3 +451,19 @@ def test_act_floor_keeps_an_edit_that_missed_beta_from_lowering_the_threshold(lo
     assert plain.info["edits_below_epsilon"] == 0
     assert floored.info["epsilon"] == pytest.approx(floored.config["act_ratio"] * beta)
     assert floored.info["edits_below_epsilon"] == 1, "the edit that missed its margin is not routed"
+
+
+def test_fact_contrast_fills_the_edit_template_with_pool_subjects_and_checks_held_out_ones(loaded):
+    subjects = fact_subjects("bundled", 0)
+    assert REQ["subject"] in subjects and len(subjects) == len(set(subjects))
+    held = pick_facts(subjects[-HELDOUT_FACTS:], HELDOUT_FACTS, [REQ["subject"]], None)
+    neighbours = contrast_prompts(EditRequest.from_dict(REQ), held)
+    p, act = _held_out_activations(
+        loaded, lambda path: module_inputs(loaded, path, neighbours), irrelevant_facts="bundled",
+        irrelevant_corpus=None, contrast_subjects=[], fact_contrast=4,
+    )  # fmt: skip
+    assert p.info["shards"][0]["irrelevant"] == len(IRRELEVANT) + 32 + 4, (
+        "4 pool subjects in the edit's template"
+    )
+    assert p.info["heldout_neighbours"] == len(neighbours) > 0
+    assert p.info["heldout_neighbours_routed_to_side"] == int((act > p.adapters[0].config["epsilon"]).sum())

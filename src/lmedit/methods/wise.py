@@ -185,6 +185,13 @@ class WiseConfig(MethodConfig):
         0, "First case of irrelevant_facts in the pool (the cases before it are left for evaluation)."
     )
     irrelevant_fact_samples: int = hp(32, "Prompts sampled from the irrelevant_facts pool per shard.")
+    fact_contrast: int = hp(
+        0,
+        "Subjects of the irrelevant_facts pool's cases put into each edit's own template per shard, as further "
+        "contrast prompts with real entities (the form of CounterFact's neighbourhood prompts: same relation, "
+        "other subject); the pool's last subjects are held out for the check "
+        "info['heldout_neighbours_routed_to_side']. Needs irrelevant_facts (our addition; 0: off).",
+    )
     contrast_subjects: list[str] = hp(
         list(CONTRAST_SUBJECTS),
         "Subjects put into each edit's own prompt template to make further irrelevant inputs, so that the "
@@ -234,6 +241,10 @@ class WiseConfig(MethodConfig):
             raise ConfigError(
                 "irrelevant_prompts must not be empty: the routing loss needs irrelevant inputs"
             )
+        if self.fact_contrast < 0:
+            raise ConfigError(f"fact_contrast must be >= 0 (0 turns it off), got {self.fact_contrast}")
+        if self.fact_contrast and self.irrelevant_facts is None:
+            raise ConfigError("fact_contrast takes its subjects from irrelevant_facts: set irrelevant_facts")
         if self.replay_keys < 0:
             raise ConfigError(f"replay_keys must be >= 0 (0 turns replay off), got {self.replay_keys}")
         if self.cov_weight < 0:
@@ -341,6 +352,13 @@ def fact_pool(dataset: str, start: int) -> tuple[str, ...]:
         for p in kind
     )
     return tuple(dict.fromkeys(p for p in prompts if p))
+
+
+@functools.lru_cache(maxsize=4)
+def fact_subjects(dataset: str, start: int) -> tuple[str, ...]:
+    """The subjects of ``dataset``'s cases from ``start`` on (every request's), deduplicated in file order."""
+    cases = load_dataset(dataset).cases[start:]
+    return tuple(dict.fromkeys(r.subject for c in cases for r in c.requests if r.subject))
 
 
 def pick_facts(pool: tuple[str, ...], k: int, subjects: list[str], gen: torch.Generator | None) -> list[str]:
@@ -539,6 +557,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         train_pool = heldout = torch.zeros(0, 0, dtype=torch.long)
     train_facts: tuple[str, ...] = ()
     held_facts: list[str] = []
+    train_subjects: tuple[str, ...] = ()
+    held_neighbours: list[str] = []  # each edit's template filled with held-out pool subjects
     if config.irrelevant_facts is not None:
         facts = fact_pool(config.irrelevant_facts, config.irrelevant_facts_from)
         if len(facts) < HELDOUT_FACTS + config.irrelevant_fact_samples:
@@ -549,6 +569,16 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             )
         train_facts = facts[:-HELDOUT_FACTS]
         held_facts = pick_facts(facts[-HELDOUT_FACTS:], HELDOUT_FACTS, [r.subject for r in requests], None)
+        if config.fact_contrast:
+            subjects = fact_subjects(config.irrelevant_facts, config.irrelevant_facts_from)
+            if len(subjects) < HELDOUT_FACTS + config.fact_contrast:
+                raise ConfigError(
+                    f"irrelevant_facts {config.irrelevant_facts!r} names {len(subjects)} subjects, fewer than "
+                    f"{HELDOUT_FACTS} held out + fact_contrast ({config.fact_contrast})"
+                )
+            train_subjects = subjects[:-HELDOUT_FACTS]
+            held = pick_facts(subjects[-HELDOUT_FACTS:], HELDOUT_FACTS, [r.subject for r in requests], None)
+            held_neighbours = [c for r in requests for c in contrast_prompts(r, held)]
     x_edit = module_inputs(loaded, path, prompts)
     contrast = [contrast_prompts(r, config.contrast_subjects) for r in requests]
     flat = iter(module_inputs(loaded, path, [c for cs in contrast for c in cs]))
@@ -583,12 +613,12 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         )
         x_shard = x_edit[s : s + len(reqs)]
         x_passages = window_inputs(loaded, path, train_pool[passages]) if len(passages) else []
-        facts = pick_facts(
-            train_facts,
-            config.irrelevant_fact_samples,
-            [r.subject for r in reqs],
-            fact_gen(config.seed, n_earlier + s),
-        )
+        fgen = fact_gen(config.seed, n_earlier + s)
+        subjects = [r.subject for r in reqs]
+        facts = pick_facts(train_facts, config.irrelevant_fact_samples, subjects, fgen)
+        if config.fact_contrast:  # the shard's templates with real subjects from the pool
+            names = pick_facts(train_subjects, config.fact_contrast, subjects, fgen)
+            facts += [c for r in reqs for c in contrast_prompts(r, names)]
         x_facts = module_inputs(loaded, path, facts) if facts else []
         gen = fact_gen(config.seed, -1 - n_earlier - s)
         replay = torch.randperm(len(chain_keys), generator=gen)[: config.replay_keys]
@@ -636,6 +666,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         act_held = prompt_activation(x_held, final) if x_held else act_irr[:0]  # [HELDOUT_WINDOWS]
         x_hf = module_inputs(loaded, path, held_facts) if held_facts else []
         act_hf = prompt_activation(x_hf, final) if x_hf else act_irr[:0]  # [<= HELDOUT_FACTS]
+        x_hn = module_inputs(loaded, path, held_neighbours) if held_neighbours else []
+        act_hn = prompt_activation(x_hn, final) if x_hn else act_irr[:0]  # [n_requests * <= HELDOUT_FACTS]
     min_act = min(earlier_min, float(act_edits.min()))
     epsilon = config.act_ratio * (max(min_act, margins[1]) if config.act_floor else min_act)
     spec = AdapterSpec(
@@ -671,6 +703,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "heldout_routed_to_side": int((act_held > epsilon).sum()),
         "heldout_facts_max_activation": float(act_hf.max()) if len(act_hf) else None,
         "heldout_facts_routed_to_side": int((act_hf > epsilon).sum()),
+        "heldout_neighbours": len(act_hn),
+        "heldout_neighbours_routed_to_side": int((act_hn > epsilon).sum()),
         "earlier_keys_routed_to_side": int(
             (torch.linalg.vector_norm(chain_keys @ final, dim=-1) > epsilon).sum()
         ),
