@@ -70,6 +70,10 @@ def test_config_precedence_and_errors():
     assert cfg.layers == [2] and cfg.lr == 0.5 and cfg.steps == 7
     assert build_config(info.config_cls, {}, {"layers": "3,4"}).layers == [3, 4]
     assert build_config(info.config_cls, {}, {"layers": "5"}).layers == [5]
+    templates = get_method("memit").config_cls
+    got = build_config(templates, {}, {"context_templates": '["{}", "Therefore, {}"]'}).context_templates
+    assert got == ["{}", "Therefore, {}"], "a JSON list for a list[str] field is parsed, not wrapped"
+    assert build_config(templates, {}, {"context_templates": "{}"}).context_templates == ["{}"]
     with pytest.raises(ConfigError, match="unknown FTConfig field 'lrr'"):
         build_config(info.config_cls, {}, {"lrr": 1})
     with pytest.raises(ConfigError, match="lr must be > 0"):

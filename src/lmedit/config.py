@@ -72,10 +72,13 @@ def _coerce(tp: Any, value: Any) -> Any:
                 candidates.append(parse(value))
             except ValueError:
                 pass
-    for c in candidates:
-        for option in (c, [c], float(c) if isinstance(c, int) and not isinstance(c, bool) else None):
-            if option is not None and _accepts(tp, option):
-                return option
+    # the value or a parse of it as it is before any of them wrapped in a list: a JSON list given for a
+    # list[str] field is that list, not a one-element list holding the JSON text
+    options = [*candidates, *([c] for c in candidates)]
+    options += [float(c) for c in candidates if isinstance(c, int) and not isinstance(c, bool)]
+    for option in options:
+        if _accepts(tp, option):
+            return option
     return value
 
 
