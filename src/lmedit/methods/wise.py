@@ -35,7 +35,9 @@ Editing (one patch, requests in order):
   ever more text; the pool's last ``HELDOUT_WINDOWS`` windows are never trained on and serve as a held-out
   check of the routing (``info["heldout_routed_to_side"]``). Optionally (``irrelevant_facts``) short factual
   prompts about other subjects, sampled per shard from a dataset's prompts (the paper's irrelevant data from the
-  task's own distribution), with their own held-out check (``info["heldout_facts_routed_to_side"]``). With only fixed sentences a 100-edit Gemma chain
+  task's own distribution), with their own held-out check (``info["heldout_facts_routed_to_side"]``), and
+  (``fact_contrast``) each edit's template filled with subjects of that pool (real-entity contrast prompts,
+  checked on held-out subjects: ``info["heldout_neighbours_routed_to_side"]``). With only fixed sentences a 100-edit Gemma chain
   kept the side memory silent on them (largest activation 1.4 vs epsilon 7.1) but routed most other text to it
   (locality 0.20, WikiText-2 perplexity 85.7 -> 323).
 * **Merging.** With several shards, their changes (task vectors relative to the starting side memory) are merged
@@ -47,7 +49,9 @@ Editing (one patch, requests in order):
   lower an earlier edit's activation below epsilon (that edit then loses its routing). An earlier version
   recomputed every chain edit's activation with the final memory (every edit routed by construction, but
   O(N) forward passes per patch); in a 100-edit Gemma chain that epsilon rose 7.3 -> 10.5 while the irrelevant
-  prompts' largest activation stayed 1.38, so neither form routes irrelevant prompts there.
+  prompts' largest activation stayed 1.38, so neither form routes irrelevant prompts there. With ``act_floor``
+  (our addition) epsilon is at least ``act_ratio * beta``, so an edit that missed its margin is not routed
+  instead of lowering the threshold for every input.
 
 Lifelong editing: when the model already carries a WISE wrapper at the chosen projection, training starts from
 its side memory and the patch's adapter *replaces* it (``AdapterSpec.parent``); the patch stores only the rows
