@@ -17,8 +17,8 @@ process, then each peer as a child process with its own virtualenv (``benchmarks
 - value optimisation: EasyEdit's llama yaml for all: 25 steps, lr 0.5, KL 0.0625, clamp 4, weight decay 1e-3
   (lmedit's default weight decay is ROME's 0.5: the loss then rarely falls below the early-stop 0.05);
 - protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch;
-- context templates: lmedit's default 11 (``--templates N`` keeps the plain prompt and the first N-1; EasyEdit's
-  MEMIT generates 1 + 5 and its ROME 1 + 20, so ``--templates 6`` matches its MEMIT's work per step).
+- context templates: lmedit's defaults (ROME 11, MEMIT 6: ``n_templates``; ``--templates N`` gives both the plain
+  prompt and the first N-1); EasyEdit's MEMIT generates 1 + 5 and its ROME 1 + 20.
 
 Reported per system: edit wall seconds per request (ROME median; MEMIT the batch / n), statistics seconds for the
 MEMIT layers, the process's peak RSS, and teacher-forced token accuracies (lmedit's reliability_tf /
@@ -256,8 +256,8 @@ def main() -> int:
         "--templates",
         type=int,
         default=None,
-        help="lmedit's context templates: the plain prompt and the first N-1 bundled ones (default: all 11; "
-        "EasyEdit's MEMIT generates 1 + 5, its ROME 1 + 20)",
+        help="lmedit's context templates: the plain prompt and the first N-1 bundled ones (default: each "
+        "method's n_templates, ROME 11, MEMIT 6; EasyEdit's MEMIT generates 1 + 5, its ROME 1 + 20)",
     )
     ap.add_argument("--peers", default="easyedit,fastedit", help="comma list, '' for lmedit only")
     ap.add_argument("--threads", type=int, default=1)

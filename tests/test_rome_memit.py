@@ -9,7 +9,7 @@ import torch
 
 import lmedit
 import lmedit.methods.rome as rome_mod
-from lmedit.core.keys import compute_keys, mlp_out_weight
+from lmedit.core.keys import DEFAULT_TEMPLATES, compute_keys, mlp_out_weight
 from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
 from tiny_models import tiny_loaded
@@ -172,6 +172,14 @@ def test_templates_are_recorded_and_deterministic(smol_tok, stats_env):
     b = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **stats_env)
     assert a.config["context_templates"][0] == "{}" and len(a.config["context_templates"]) == 11
     torch.testing.assert_close(a.deltas[0].materialize(), b.deltas[0].materialize())
+    m = lmedit.edit(loaded, REQS[0], method="memit", layers=[1], v_steps=1, **stats_env)
+    assert m.config["context_templates"] == list(DEFAULT_TEMPLATES[:6]), (
+        "MEMIT's default: 1 + 5, as its paper"
+    )
+    r = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=1, n_templates=3, **stats_env)
+    assert r.config["context_templates"] == list(DEFAULT_TEMPLATES[:3])
+    with pytest.raises(ConfigError, match="n_templates must be 1..11"):
+        lmedit.edit(loaded, REQS[0], method="rome", layer=1, n_templates=12, **stats_env)
 
 
 # ------------------------------------------------------------------------------------------------ real

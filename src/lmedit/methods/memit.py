@@ -55,6 +55,12 @@ class MEMITConfig(LocateEditConfig):
         15000.0, "lam: weight of the preserved-key covariance E[k k^T] against the edits' K K^T."
     )
     clamp_norm_factor: float = hp(0.75, "Clamp |delta| to this multiple of the residual norm |h_L|.")
+    n_templates: int = hp(
+        6,
+        "Templates used when context_templates is None: the plain prompt and the first n_templates - 1 prefixes "
+        "(as MEMIT's and AlphaEdit's reference code: 1 + 5). On SmolLM2 and Gemma 3 270M, 100-edit batches "
+        "scored as well with 6 as with all 11 at about half the cost (BENCHMARKS.md, session 8).",
+    )
     key_mode: Literal["averaged", "templates"] = hp(
         "averaged",
         "averaged: one key per request, the template average (MEMIT); templates: every context template's key "

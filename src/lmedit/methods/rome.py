@@ -57,12 +57,19 @@ class LocateEditConfig(MethodConfig):
 
     context_templates: list[str] | None = hp(
         None,
-        "Context templates ending in '{}' over which keys and the value loss are averaged. None: the bundled "
-        "fixed list ('{}' + 10 neutral prefixes), or generated ones when template_source='generated'.",
+        "Context templates ending in '{}' over which keys and the value loss are averaged. None: n_templates "
+        "of the bundled fixed list ('{}' + 10 neutral prefixes), or generated ones when "
+        "template_source='generated'.",
     )
     template_source: Literal["fixed", "generated"] = hp(
         "fixed",
         "fixed: bundled templates; generated: greedy continuations of 'The', 'Therefore', ... (recorded).",
+    )
+    n_templates: int = hp(
+        len(DEFAULT_TEMPLATES),
+        f"Templates used when context_templates is None: the plain prompt '{{}}' and the first n_templates - 1 "
+        f"prefixes (fixed: at most {len(DEFAULT_TEMPLATES)}; generated: n_templates - 1 continuations). Each "
+        f"is a row of every value-optimisation step, so the edit's cost grows with it.",
     )
     v_steps: int = hp(25, "Adam steps of the value (delta) optimisation.")
     v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
@@ -81,7 +88,12 @@ class LocateEditConfig(MethodConfig):
     progress: bool = hp(False, "Show progress bars.")
 
     def validate(self) -> None:
-        for name in ("v_steps", "value_batch", "stats_tokens", "stats_seq_len"):
+        if self.template_source == "fixed" and not 1 <= self.n_templates <= len(DEFAULT_TEMPLATES):
+            raise ConfigError(
+                f"n_templates must be 1..{len(DEFAULT_TEMPLATES)} with the fixed templates, got {self.n_templates}"
+                "; give context_templates for more"
+            )
+        for name in ("v_steps", "value_batch", "stats_tokens", "stats_seq_len", "n_templates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("v_lr", "clamp_norm_factor"):
@@ -98,8 +110,8 @@ class LocateEditConfig(MethodConfig):
         if self.context_templates is not None:
             return check_templates(self.context_templates)
         if self.template_source == "generated":
-            return generate_templates(loaded)
-        return list(DEFAULT_TEMPLATES)
+            return generate_templates(loaded, n=self.n_templates - 1) if self.n_templates > 1 else ["{}"]
+        return list(DEFAULT_TEMPLATES[: self.n_templates])
 
     def value_kwargs(self) -> dict:
         return dict(
