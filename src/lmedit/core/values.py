@@ -119,6 +119,7 @@ def optimize_values(
     clamp_norm_factor: float = 4.0,
     early_stop: float = 5e-2,
     kl_prompt: str | None = "{} is a",
+    kl_position: str = "last",
     batch_requests: int = 16,
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> ValueResult:
@@ -135,9 +136,14 @@ def optimize_values(
         clamp_norm_factor: |d| <= clamp_norm_factor * |v0| after every step.
         early_stop: a request stops once its loss is below this.
         kl_prompt: essence prompt template (``None`` to skip it).
+        kl_position: where the essence distribution is taken: ``"last"``, its last token (the next token after
+            "{subject} is a", the ROME paper's definition), or ``"subject"``, the subject's last token (where
+            ROME's and MEMIT's reference code, and EasyEdit, take it).
         batch_requests: requests optimised together.
         overrides: ``{param_name: tensor}`` used instead of the model's parameters (earlier edits of a batch).
     """
+    if kl_position not in ("last", "subject"):
+        raise ValueError(f"kl_position must be 'last' or 'subject', got {kl_position!r}")
     t_start = time.perf_counter()
     n = len(requests)
     deltas = {s: [] for s in sites}
@@ -148,7 +154,7 @@ def optimize_values(
         chunk = list(requests[b : b + batch_requests])
         res = _optimize_chunk(
             loaded, chunk, sites, list(templates), steps, lr, kl_factor, weight_decay, clamp_norm_factor,
-            early_stop, kl_prompt, timing, overrides,
+            early_stop, kl_prompt, kl_position, timing, overrides,
         )  # fmt: skip
         for s in sites:
             deltas[s].append(res[0][s])
@@ -169,8 +175,8 @@ def optimize_values(
 
 
 def _optimize_chunk(
-    loaded, requests, sites, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, kl_prompt, timing,
-    overrides,
+    loaded, requests, sites, templates, steps, lr, kl_factor, weight_decay, clamp, early_stop, kl_prompt,
+    kl_position, timing, overrides,
 ):  # fmt: skip
     model, tok = loaded
     arch = loaded.arch
@@ -206,8 +212,11 @@ def _optimize_chunk(
             "t_w": torch.tensor(t_w, device=device),
             "tok_req": row_req[t_row_t],
             "kl_row": kl_t,
-            "kl_pos": torch.tensor(
-                [len(rows[keep[j]].ids) - 1 - rows[keep[j]].subject for j in kl],
+            "kl_pos": torch.tensor(  # suffix coordinates: 0 is the subject's last token
+                [
+                    0 if kl_position == "subject" else len(rows[keep[j]].ids) - 1 - rows[keep[j]].subject
+                    for j in kl
+                ],
                 dtype=torch.long,
                 device=device,
             ),

@@ -74,6 +74,12 @@ class LocateEditConfig(MethodConfig):
     v_steps: int = hp(25, "Adam steps of the value (delta) optimisation.")
     v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
     kl_factor: float = hp(0.0625, "Weight of the KL term on the essence prompt '{subject} is a' (0: off).")
+    kl_position: Literal["last", "subject"] = hp(
+        "last",
+        "Where the essence prompt's distribution is kept: 'last', after its last token (the next token after "
+        "'{subject} is a', the ROME paper's definition), or 'subject', after the subject's last token (ROME's "
+        "and MEMIT's reference code, and EasyEdit).",
+    )
     v_weight_decay: float = hp(0.5, "Weight of |delta| / |v0|^2 in the value loss.")
     clamp_norm_factor: float = hp(4.0, "Clamp |delta| to this multiple of the original value's norm |v0|.")
     early_stop: float = hp(0.05, "A request's value optimisation stops once its loss is below this.")
@@ -118,6 +124,7 @@ class LocateEditConfig(MethodConfig):
             steps=self.v_steps,
             lr=self.v_lr,
             kl_factor=self.kl_factor,
+            kl_position=self.kl_position,
             weight_decay=self.v_weight_decay,
             clamp_norm_factor=self.clamp_norm_factor,
             early_stop=self.early_stop,
