@@ -161,3 +161,42 @@ def test_subject_at_start_without_prefix(smol_tok):
     site = loaded.arch.module_name("mlp_out", 0)
     res = optimize_values(loaded, [req], [site], ["{}"], steps=2, kl_factor=0.0)
     assert res.nll[0] > 0 and torch.isfinite(res.delta[site]).all()
+
+
+def _essence_kl(loaded, req, site, delta):
+    """KL(orig || edited) of the next-token distribution after the subject's last token and after the last token
+    of "{subject} is a", with ``delta`` added to ``site``'s output at the subject's last token."""
+    tok = loaded.tokenizer
+    text = req.subject + " is a"
+    s = tokens.subject_last_index(tok, text, 0, len(req.subject))
+    ids = torch.tensor([tokens.encode_prompt(tok, text)[0]])
+
+    def add(out, _name):
+        out = out.clone()
+        out[0, s] += delta.to(out.dtype)
+        return out
+
+    with torch.no_grad():
+        ref = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+        with Trace(loaded.model, site, retain_output=False, edit_output=add):
+            new = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+    kl = (ref.exp() * (ref - new)).sum(-1)
+    return float(kl[s]), float(kl[-1])
+
+
+def test_kl_position_keeps_the_essence_distribution_where_it_is_taken(smol_tok):
+    """kl_position='subject' takes the essence term after the subject's last token (the reference code's
+    position), 'last' after "{subject} is a" (the paper's): the optimiser's KL term equals an independent forward's
+    KL at that position, and constraining the subject position keeps it closer to the unedited model."""
+    loaded = tiny_loaded("llama", smol_tok)
+    site = loaded.arch.module_name("mlp_out", 1)
+    kw = dict(steps=12, lr=0.5, early_stop=0.0, kl_factor=5.0, weight_decay=0.0)
+    kl = {}
+    for at, pos in enumerate(("subject", "last")):
+        res = optimize_values(loaded, [REQ2], [site], ["{}", "Therefore, {}"], kl_position=pos, **kw)
+        kl[pos] = _essence_kl(loaded, REQ2, site, res.delta[site][0])
+        term = (res.loss[0] - res.nll[0]) / kw["kl_factor"]  # the loss's KL term at the final delta
+        assert term == pytest.approx(kl[pos][at], rel=1e-3, abs=1e-6), (pos, term, kl[pos])
+    assert kl["subject"][0] < kl["last"][0] / 10, kl
+    with pytest.raises(ValueError, match="kl_position"):
+        optimize_values(loaded, [REQ2], [site], ["{}"], kl_position="first")
