@@ -122,6 +122,19 @@ class KeySet:
             raise ConfigError("the original ROME key needs the plain template '{}' among context_templates")
         return self.per_template[layer][:, self.templates.index("{}")]
 
+    def averaged(self, layer: int, plain_weight: float | None = None) -> torch.Tensor:
+        """[n_requests, d_in]: the template mean (``plain_weight`` None), or the plain prompt's key weighted
+        ``plain_weight`` and the other templates' mean ``1 - plain_weight`` (MEMIT's reference code averages
+        within the groups ``["{}"]`` and the generated prefixes, then over the groups: ``plain_weight`` 0.5)."""
+        if plain_weight is None or len(self.templates) == 1:
+            return self.mean[layer]
+        i = self.templates.index("{}") if "{}" in self.templates else None
+        if i is None:
+            raise ConfigError("plain_key_weight needs the plain template '{}' among context_templates")
+        per = self.per_template[layer]
+        others = torch.cat([per[:, :i], per[:, i + 1 :]], dim=1).mean(1)
+        return plain_weight * per[:, i] + (1 - plain_weight) * others
+
 
 def run_sites(
     loaded,

@@ -61,6 +61,12 @@ class MEMITConfig(LocateEditConfig):
         "(as MEMIT's and AlphaEdit's reference code: 1 + 5). On SmolLM2 and Gemma 3 270M, 100-edit batches "
         "scored as well with 6 as with all 11 at about half the cost (BENCHMARKS.md, session 8).",
     )
+    plain_key_weight: float | None = hp(
+        None,
+        "key_mode='averaged': None weighs every template's key alike; a number w gives the plain prompt's key "
+        "weight w and the other templates' mean 1 - w (MEMIT's reference code: 0.5, the mean over the groups "
+        "['{}'] and the generated prefixes).",
+    )
     key_mode: Literal["averaged", "templates"] = hp(
         "averaged",
         "averaged: one key per request, the template average (MEMIT); templates: every context template's key "
@@ -72,6 +78,8 @@ class MEMITConfig(LocateEditConfig):
         super().validate()
         if self.mom2_update_weight < 0:
             raise ConfigError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+        if self.plain_key_weight is not None and not 0 <= self.plain_key_weight <= 1:
+            raise ConfigError(f"plain_key_weight must be in [0, 1] (or None), got {self.plain_key_weight}")
         if self.layers is not None and not self.layers:
             raise ConfigError("layers must not be empty")
 
@@ -148,7 +156,7 @@ def run_pipeline(
         name, w, layout = mlp_out_weight(loaded, layer)
         param = loaded.model.get_parameter(name)
         keyset = compute_keys(loaded, requests, [layer], templates, overrides=overrides or None)
-        k = keyset.mean[layer].T  # [in, n]
+        k = keyset.averaged(layer, config.plain_key_weight).T  # [in, n]
         if per_layer_values:
             site = value_sites[i]
             cur = run_sites(loaded, plain, [site], overrides or None, retain="output")[site]
