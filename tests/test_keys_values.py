@@ -200,3 +200,17 @@ def test_kl_position_keeps_the_essence_distribution_where_it_is_taken(smol_tok):
     assert kl["subject"][0] < kl["last"][0] / 10, kl
     with pytest.raises(ValueError, match="kl_position"):
         optimize_values(loaded, [REQ2], [site], ["{}"], kl_position="first")
+
+
+def test_plain_key_weight_mixes_the_plain_prompts_key_with_the_templates_mean(loaded):
+    keys = compute_keys(loaded, [REQ, REQ2], [1], ["Therefore, {}", "{}", "I read this in a book. {}"])
+    per = keys.per_template[1]
+    torch.testing.assert_close(keys.averaged(1), keys.mean[1])
+    want = 0.5 * per[:, 1] + 0.25 * (per[:, 0] + per[:, 2])  # MEMIT's code: mean over ['{}'] and the others
+    torch.testing.assert_close(keys.averaged(1, 0.5), want)
+    torch.testing.assert_close(keys.averaged(1, 1.0), keys.plain(1))
+    no_plain = compute_keys(loaded, [REQ], [1], ["Therefore, {}", "I read this in a book. {}"])
+    with pytest.raises(ConfigError, match="plain template"):
+        no_plain.averaged(1, 0.5)
+    with pytest.raises(ConfigError, match="plain_key_weight must be in"):
+        lmedit.edit(loaded, REQ, method="memit", layers=[1], plain_key_weight=1.5)
