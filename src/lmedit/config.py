@@ -72,8 +72,8 @@ def _coerce(tp: Any, value: Any) -> Any:
                 candidates.append(parse(value))
             except ValueError:
                 pass
-    # the value or a parse of it as it is before any of them wrapped in a list: a JSON list given for a
-    # list[str] field is that list, not a one-element list holding the JSON text
+    # every candidate as it is before any candidate wrapped in a list: a JSON list given for a list[str]
+    # field is that list, not a one-element list holding the JSON text
     options = [*candidates, *([c] for c in candidates)]
     options += [float(c) for c in candidates if isinstance(c, int) and not isinstance(c, bool)]
     for option in options:
