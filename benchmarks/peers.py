@@ -117,7 +117,9 @@ def run_lmedit(args, loaded, cases, common: dict) -> dict:
     return out
 
 
-def run_peer(name: str, method: str, n: int, loaded, cases, cases_path: Path, args, stats_dir: Path) -> dict:
+def run_peer(
+    name: str, method: str, n: int, loaded, model_dir: str, cases, cases_path: Path, args, stats_dir: Path
+) -> dict:
     python, script, methods = RUNNERS[name]
     if method not in methods:
         return {"skipped": f"{name} has no {method}"}
@@ -126,7 +128,6 @@ def run_peer(name: str, method: str, n: int, loaded, cases, cases_path: Path, ar
     layers = args.memit_layers if method == "memit" else [args.rome_layer]
     with tempfile.TemporaryDirectory() as tmp:
         res_path = Path(tmp) / "result.json"
-        model_dir = loaded.source.get("cache") or loaded.source.get("path")
         cmd = [str(python), str(script), "--model-dir", model_dir, "--cases", str(cases_path), "--n", str(n),
                "--method", method, "--layers", ",".join(map(str, layers)), "--threads", str(args.threads),
                "--stats-corpus", args.stats_corpus, "--stats-tokens", str(args.stats_tokens),
@@ -311,7 +312,7 @@ def main() -> int:
             for method, n in (("memit", args.memit_n), ("rome", args.rome_n)):
                 if n:
                     print(f"{p}: {method} x{n} ...", flush=True)
-                    raw = run_peer(p, method, n, loaded, cases, cases_path, args, stats_dir)
+                    raw = run_peer(p, method, n, loaded, model_dir, cases, cases_path, args, stats_dir)
                     result.setdefault(p, {})[method] = peer_summary(method, raw)
                     if args.out:  # after every stage, so a late failure keeps what was measured
                         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -308,8 +308,7 @@ class WiseSideMemory(AdapterWrapper):
         self._stores = {}
         for name in ("keys", "contrast_keys"):
             new_keys = tensors.get(name, rows.new_zeros(0, d_in))
-            old_keys = getattr(previous, name, None) if previous is not None else None
-            old_keys = new_keys[:0] if old_keys is None else old_keys
+            old_keys = getattr(previous, name) if previous is not None else new_keys[:0]
             if new_keys.dim() != 2 or new_keys.shape[1] != d_in or old_keys.shape[1] != d_in:
                 raise PatchError(
                     f"WISE adapter at {self.spec.module}: {name} {tuple(new_keys.shape)} after "

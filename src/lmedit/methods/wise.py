@@ -37,9 +37,9 @@ Editing (one patch, requests in order):
   prompts about other subjects, sampled per shard from a dataset's prompts (the paper's irrelevant data from the
   task's own distribution), with their own held-out check (``info["heldout_facts_routed_to_side"]``), and
   (``fact_contrast``) each edit's template filled with subjects of that pool (real-entity contrast prompts,
-  checked on held-out subjects: ``info["heldout_neighbours_routed_to_side"]``). With only fixed sentences a 100-edit Gemma chain
-  kept the side memory silent on them (largest activation 1.4 vs epsilon 7.1) but routed most other text to it
-  (locality 0.20, WikiText-2 perplexity 85.7 -> 323).
+  checked on held-out subjects: ``info["heldout_neighbours_routed_to_side"]``). With only fixed sentences a
+  100-edit Gemma chain kept the side memory silent on them (largest activation 1.4 vs epsilon 7.1) but routed
+  most other text to it (locality 0.20, WikiText-2 perplexity 85.7 -> 323).
 * **Merging.** With several shards, their changes (task vectors relative to the starting side memory) are merged
   by TIES (trim each to its largest ``merge_density`` fraction by magnitude, elect each entry's sign by the sum,
   average the entries that agree with it), or averaged (``merge="linear"``).
@@ -62,9 +62,10 @@ it changed (``index``, ``rows``), the threshold, the running minimum activation 
     >>> session.apply(lmedit.edit(loaded, req2, method="wise"))   # the same side memory, extended
 
 Not implemented from the paper: WISE-Retrieve (several side memories with top-1 activation retrieval) and its
-replay of earlier edits' training data (``replay_keys`` replays their keys instead). Different: the mask selects rows, not single entries (so a patch
-stores only the rows it changed), the optimiser is Adam (the paper's is SGD), and during cached generation each
-token after the first generated one is routed by its own activation (a decoding step sees one position).
+replay of earlier edits' training data (``replay_keys`` replays their keys instead). Different: the mask selects
+rows, not single entries (so a patch stores only the rows it changed), the optimiser is Adam (the paper's is SGD),
+and during cached generation each token after the first generated one is routed by its own activation (a decoding
+step sees one position).
 """
 
 from __future__ import annotations
@@ -659,13 +660,13 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     )
     final = wise_side_delta(prior, index, rows).float()
     with torch.no_grad():
-        act_edits = prompt_activation(x_edit, final)  # [n_requests], recorded now for the running minimum
-        # each edit's key: its prompt's input at the token the router sees (the most active one)
+        # each edit's key: its prompt's input at the token the router sees (the most active one), whose
+        # activation is the prompt's (recorded now for the running minimum)
         keys = most_active(x_edit, final)  # [n_requests, d_in]
+        act_edits = torch.linalg.vector_norm(keys @ final, dim=-1)  # [n_requests]
         act_irr = prompt_activation(x_irr, final)  # [n_irr]
-        x_con = [x for xs in x_contrast for x in xs]
-        contrast_keys = most_active(x_con, final)  # [n_contrast, d_in]
-        act_con = prompt_activation(x_con, final) if x_con else act_irr[:0]  # [n_contrast]
+        contrast_keys = most_active([x for xs in x_contrast for x in xs], final)  # [n_contrast, d_in]
+        act_con = torch.linalg.vector_norm(contrast_keys @ final, dim=-1)  # [n_contrast]
         x_held = window_inputs(loaded, path, heldout) if len(heldout) else []
         act_held = prompt_activation(x_held, final) if x_held else act_irr[:0]  # [HELDOUT_WINDOWS]
         x_hf = module_inputs(loaded, path, held_facts) if held_facts else []
