@@ -13,7 +13,9 @@ import transformers
 import lmedit
 from lmedit.bench import run_bench
 from lmedit.cli import main
+from lmedit.core.patch import EditPatch
 from lmedit.data.loaders import load_dataset
+from lmedit.errors import ConfigError
 from lmedit.evaluate.protocols import ScoringSettings, evaluate
 from lmedit.evaluate.report import SCHEMA, Report
 
@@ -278,3 +280,83 @@ def test_locality_probes_naming_another_edited_subject_are_dropped(dataset_file)
     assert seq[1:] == cases[1:]
     together, n_together = in_scope_locality(cases, 4, "batch")
     assert n_together == 1 and len(together[0].locality) == 3
+
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """Make ``lmedit.edit`` raise KeyboardInterrupt on its ``calls + 1``-th call (a run killed mid-way)."""
+    real, count = lmedit.edit, [0]
+
+    def edit(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lmedit, "edit", edit)
+
+
+def _resume_matches_uninterrupted(loaded, cases, method, config, tmp_path, monkeypatch):
+    settings = ScoringSettings(families=("tf", "prob"))
+    run = {
+        "protocol": "sequential",
+        "eval_every": 2,
+        "config": config,
+        "settings": settings,
+        "progress": False,
+    }
+    whole = evaluate(loaded, cases, method, **run)
+    before = _state(loaded.model)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 3)  # steps 1-2 checkpointed, step 3 done but not saved, step 4 interrupted
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(loaded, cases, method, checkpoint=ckpt, **run)
+    assert all(torch.equal(before[n], v) for n, v in loaded.model.state_dict().items()), "model not restored"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["steps_done"] == 2 and [p["edits"] for p in state["retention"]] == [2]
+    partial = Report.load(ckpt / "report.json")
+    assert partial.meta["partial"]["edits_done"] == 2 and partial.post == whole.retention[0]["metrics"]
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 2)  # the resumed run makes exactly steps 3 and 4
+        resumed = evaluate(loaded, cases, method, checkpoint=ckpt, **run)
+    assert all(torch.equal(before[n], v) for n, v in loaded.model.state_dict().items()), "model not restored"
+    assert resumed.post == pytest.approx(whole.post)
+    assert [p["edits"] for p in resumed.retention] == [2, 4]
+    assert resumed.retention[0]["metrics"] == whole.retention[0]["metrics"]
+    assert len(resumed.meta["edits"]) == 4 and resumed.meta["config"] == whole.meta["config"]
+    assert json.loads((ckpt / "state.json").read_text())["steps_done"] == 4
+    return ckpt
+
+
+def test_sequential_checkpoint_resumes_to_the_uninterrupted_result(tiny, dataset_file, tmp_path, monkeypatch):
+    cases = load_dataset(str(dataset_file)).cases
+    ckpt = _resume_matches_uninterrupted(tiny, cases, "ft-m", FAST, tmp_path, monkeypatch)
+    assert sorted(p.name for p in (ckpt / "patches").iterdir()) == [f"{i:06d}" for i in range(4)]
+    # another run's settings are refused, naming the field; nothing is applied
+    before = _state(tiny.model)
+    with pytest.raises(ConfigError, match="field 'k'"):
+        evaluate(
+            tiny, cases, "ft-m", "sequential", k=2, eval_every=2, config=FAST, checkpoint=ckpt, progress=False
+        )
+    assert all(torch.equal(before[n], v) for n, v in tiny.model.state_dict().items())
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        evaluate(tiny, cases, "ft-m", "sequential", eval_every=2, config=FAST, checkpoint=tmp_path / "junk",
+                 progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="eval_every"):
+        evaluate(tiny, cases, "ft-m", "sequential", config=FAST, checkpoint=tmp_path / "new", progress=False)
+
+
+def test_checkpoint_carries_alphaedit_state_in_the_newest_patch_only(
+    smol_tok, stats_env, dataset_file, tmp_path, monkeypatch
+):
+    from tiny_models import tiny_loaded
+
+    loaded = tiny_loaded("llama", smol_tok)
+    config = {"nullspace_threshold": 0.3, "v_steps": 4, "layers": [1, 2], **stats_env}
+    cases = load_dataset(str(dataset_file)).cases
+    ckpt = _resume_matches_uninterrupted(loaded, cases, "alphaedit", config, tmp_path, monkeypatch)
+    saved = [EditPatch.load(ckpt / "patches" / f"{i:06d}") for i in range(4)]
+    assert [bool(p.extras) for p in saved] == [False, False, False, True]
+    assert saved[-1].info["sequential_edits_before"] == 3  # the resumed step 4 continued from step 3's state

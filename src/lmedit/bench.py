@@ -37,6 +37,7 @@ def run_bench(
     progress: bool = True,
     perplexity: str | None = None,
     perplexity_tokens: int = 4096,
+    checkpoint: str | None = None,
 ) -> Report:
     """Benchmark ``method`` on ``dataset`` under ``protocol``.
 
@@ -52,6 +53,9 @@ def run_bench(
         out: write the report JSON here; ``plot``: write the retention PNG here (sequential runs).
         perplexity: sequential runs: a held-out text (file, folder or corpus name) whose perplexity over its first
             ``perplexity_tokens`` tokens is measured before, at every checkpoint and after the run.
+        checkpoint: sequential runs with ``eval_every``: a folder that makes the run resumable - every retention
+            checkpoint saves the patches, the curve and a partial report there, and the same command started
+            again continues after the last one (``lmedit.evaluate.checkpoint``).
     """
     import lmedit
     from lmedit.core.patch import versions
@@ -69,6 +73,19 @@ def run_bench(
         from lmedit.evaluate.perplexity import HeldOut
 
         held_out = HeldOut.from_corpus(loaded, perplexity, n_tokens=perplexity_tokens)
+    run_meta = {
+        "dataset": ds.describe(),
+        "seed": seed,
+        "model": {
+            "name": loaded.name,
+            "arch": loaded.arch.name,
+            "model_type": getattr(loaded.model.config, "model_type", None),
+            "source": loaded.source,
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(loaded.device),
+        },
+        "versions": versions(),
+    }
     report = evaluate(
         loaded,
         ds,
@@ -80,21 +97,8 @@ def run_bench(
         settings=settings,
         progress=progress,
         held_out=held_out,
-    )
-    report.meta.update(
-        {
-            "dataset": ds.describe(),
-            "seed": seed,
-            "model": {
-                "name": loaded.name,
-                "arch": loaded.arch.name,
-                "model_type": getattr(loaded.model.config, "model_type", None),
-                "source": loaded.source,
-                "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-                "device": str(loaded.device),
-            },
-            "versions": versions(),
-        }
+        checkpoint=checkpoint,
+        run_meta=run_meta,
     )
     report.meta["timings"]["load_model_s"] = load_s
     report.meta = _ordered(report.meta)

@@ -217,6 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot=(args.plot or default_plot_path(args.out)) if sequential_curve else None,
         perplexity=args.perplexity,
         perplexity_tokens=args.perplexity_tokens,
+        checkpoint=args.checkpoint,
     )
     print(report.table())
     if "perplexity" in report.meta:
@@ -475,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequential: perplexity of this held-out text (file/folder) before, at each checkpoint and after",
     )
     p.add_argument("--perplexity-tokens", type=int, default=4096, help="tokens of --perplexity scored (4096)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="sequential with --eval-every: save patches, curve and a partial report at every checkpoint; "
+        "the same command again resumes after the last one",
+    )
     p.add_argument("--scoring", default="tf,prob,gen,text", help="scoring families (default all four)")
     p.add_argument("--text-tokens", type=int, default=40, help="tokens generated for fluency (default 40)")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per teacher-forced forward pass")

@@ -17,7 +17,9 @@
   bytes stored by all patches so far and the process's peak resident memory (``meta["edits"]``).
   With ``held_out`` (``lmedit.evaluate.perplexity.HeldOut``), the perplexity of held-out text is measured on the
   pristine model, at every retention checkpoint (``retention[i]["perplexity"]``) and after the last step
-  (``meta["perplexity"]``): the general-ability check of lifelong runs.
+  (``meta["perplexity"]``): the general-ability check of lifelong runs. With ``checkpoint`` (a folder), every
+  retention checkpoint saves the patches so far, the curve and a partial report, and a run started again with
+  the same folder and settings continues after the last checkpoint (``lmedit.evaluate.checkpoint``).
 
 The frozen pre-edit reference (locality) is always the pristine model, scored once, batched, before any edit.
 Locality stays out of scope: in ``batch`` and ``sequential`` runs a locality probe that names a subject which
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -277,6 +280,8 @@ def evaluate(
     settings: ScoringSettings | None = None,
     progress: bool = True,
     held_out=None,
+    checkpoint: str | os.PathLike | None = None,
+    run_meta: dict | None = None,
 ) -> Report:
     """Edit and evaluate ``dataset`` with ``method`` under ``protocol``; the model is restored afterwards.
 
@@ -292,6 +297,8 @@ def evaluate(
         settings: ScoringSettings.
         progress: show a tqdm bar with ETA.
         held_out: sequential only: a ``HeldOut`` text whose perplexity is measured before, along and after.
+        checkpoint: sequential with ``eval_every`` only: a folder that makes the run resumable (module docstring).
+        run_meta: provenance (dataset, model, seed, versions) put into the report's ``meta``, partial ones too.
     Returns:
         Report (its ``meta`` lacks model/dataset provenance that ``lmedit.bench`` adds).
     """
@@ -306,6 +313,11 @@ def evaluate(
         raise ValueError(f"eval_every must be >= 0, got {eval_every}")
     if held_out is not None and protocol != "sequential":
         raise ValueError("held-out perplexity is measured along sequential runs: use protocol='sequential'")
+    if checkpoint is not None and (protocol != "sequential" or not eval_every):
+        raise ValueError(
+            "checkpoint: a run is saved at its retention checkpoints; use protocol='sequential' with eval_every "
+            "(lmedit bench --protocol sequential --eval-every M --checkpoint DIR)"
+        )
     cases = list(dataset.cases if isinstance(dataset, Dataset) else dataset)
     if not cases:
         raise ValueError("no cases to evaluate")
@@ -334,10 +346,68 @@ def evaluate(
     session = EditSession(loaded, check=False) if protocol == "sequential" else None
     chained = session is not None and _takes_previous(method)
     stored = 0
+
+    def build_meta() -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "protocol": {
+                "name": protocol,
+                "k": k,
+                "steps": len(groups),
+                "eval": f"every_{eval_every}_steps+end"
+                if (protocol == "sequential" and eval_every)
+                else "end"
+                if protocol == "sequential"
+                else "per_edit",
+                "reference": "pristine model, scored once before any edit",
+            },
+            "scoring": asdict(settings) | {"families": list(settings.families)},
+            "n": len(cases),
+            "method": method,
+            "config_overrides": overrides,
+            "config": method_config,
+            "edits": edit_info,
+            "timings": timings,
+            "locality_dropped": dropped,
+        }
+        if perplexity is not None:
+            meta["perplexity"] = perplexity
+        return meta | (run_meta or {})
+
+    ckpt = None
+    history: list = []
     try:
         start = 0
         patch = None
+        done = 0
+        if checkpoint is not None:
+            from lmedit.evaluate.checkpoint import RunCheckpoint
+
+            identity = {
+                "method": method,
+                "protocol": protocol,
+                "k": k,
+                "eval_every": eval_every,
+                "config_overrides": overrides,
+                "scoring": asdict(settings),
+                "perplexity": held_out.describe() if held_out is not None else None,
+                "model": loaded.name,
+                "case_ids": [c.case_id for c in cases],
+            }
+            ckpt = RunCheckpoint(checkpoint, identity)
+            resumed = ckpt.resume(session)
+            if resumed is not None:
+                done, patch = resumed.steps_done, resumed.previous
+                edit_info, retention = resumed.edits, resumed.retention
+                for key in ("edit_s", "eval_s"):
+                    timings[key] += resumed.timings.get(key, 0.0)
+                stored = edit_info[-1]["stored_bytes"]
+                method_config = dict(session.history[0].config)
+                start = sum(len(g) for g in groups[:done])
+                bar.update(start)
+                log.info("resumed %s after step %d of %d (%d cases)", checkpoint, done, len(groups), start)
         for gi, group in enumerate(groups):
+            if gi < done:
+                continue
             reqs = [r for c in group for r in c.requests]
             extra = {"previous": patch} if chained and patch is not None else {}
             t1, c1 = time.perf_counter(), time.process_time()
@@ -385,6 +455,14 @@ def evaluate(
                     )
                     if held_out is not None:
                         retention[-1]["perplexity"] = held_out.perplexity(loaded)
+                    if ckpt is not None:
+                        timings["eval_s"] += time.perf_counter() - t2
+                        t2 = time.perf_counter()
+                        partial = build_meta() | {"partial": {"steps_done": gi + 1, "edits_done": len(seen)}}
+                        so_far = Report(
+                            M.aggregate(pre_metrics), retention[-1]["metrics"], [], partial, retention
+                        )
+                        ckpt.save(session.history, gi + 1, edit_info, retention, timings, so_far)
             timings["eval_s"] += time.perf_counter() - t2
             start += len(group)
             bar.update(len(group))
@@ -398,6 +476,7 @@ def evaluate(
     finally:
         bar.close()
         if session is not None:
+            history = session.history
             session.reset()
     post_metrics = [
         case_metrics(c, s, p, settings, idf)
@@ -424,27 +503,7 @@ def evaluate(
     ]
     timings["total_s"] = time.perf_counter() - t0
     timings["eval_per_case_s"] = timings["eval_s"] / len(cases)
-    meta: dict[str, Any] = {
-        "protocol": {
-            "name": protocol,
-            "k": k,
-            "steps": len(groups),
-            "eval": f"every_{eval_every}_steps+end"
-            if (protocol == "sequential" and eval_every)
-            else "end"
-            if protocol == "sequential"
-            else "per_edit",
-            "reference": "pristine model, scored once before any edit",
-        },
-        "scoring": asdict(settings) | {"families": list(settings.families)},
-        "n": len(cases),
-        "method": method,
-        "config_overrides": overrides,
-        "config": method_config,
-        "edits": edit_info,
-        "timings": timings,
-        "locality_dropped": dropped,
-    }
-    if perplexity is not None:
-        meta["perplexity"] = perplexity
-    return Report(M.aggregate(pre_metrics), M.aggregate(post_metrics), records, meta, retention)
+    report = Report(M.aggregate(pre_metrics), M.aggregate(post_metrics), records, build_meta(), retention)
+    if ckpt is not None:  # the finished run: its report replaces the partial one
+        ckpt.save(history, len(groups), edit_info, retention, timings, report)
+    return report
