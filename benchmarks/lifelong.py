@@ -3,7 +3,10 @@ and every run's retention curves in one figure.
 
     lmedit bench --method grace --protocol sequential --n 1000 --eval-every 100 --scoring tf,prob \\
         --dataset bundled,../shared/data/counterfact/counterfact-edit.json --out runs/grace-1000.json
-    python benchmarks/lifelong.py runs/grace-1000.json runs/wise-200.json --plot docs/img/lifelong-retention.png
+    python benchmarks/lifelong.py runs/grace-1000.json runs/rome-1000/report.json --plot docs/img/lifelong.png
+
+A report may be a ``--checkpoint`` folder's ``report.json`` of a run not finished yet: its row then says how many
+edits it got to, and its scores are those of its last checkpoint (every case edited so far).
 
 For each report: the teacher-forced reliability / generalization / locality after the last edit, then at edit
 1, 100 and 1000 (where the run got there) the step's wall time (median of the 9 steps around it, so one slow
@@ -46,7 +49,9 @@ def _cost(steps: list[dict], edits: int) -> str:
 def summary(report: Report, label: str) -> str:
     post = report.post
     scores = [post.get(k) for k in ("reliability_tf", "generalization_tf", "locality_tf")]
-    cells = [label, str(report.meta["n"]), *("-" if v is None else f"{v:.3f}" for v in scores)]
+    partial = report.meta.get("partial")  # a checkpoint's report.json of a run still going (or stopped)
+    edits = f"{partial['edits_done']} of {report.meta['n']} (partial)" if partial else str(report.meta["n"])
+    cells = [label, edits, *("-" if v is None else f"{v:.3f}" for v in scores)]
     cells += [_cost(report.meta["edits"], at) for at in AT]
     return "| " + " | ".join(cells) + " |"
 

@@ -274,14 +274,16 @@ def _optimize_chunk(
         for step in range(steps):
             hidden = forward()
             row_count += hidden.shape[0]
-            logits = final_logits(model, arch, hidden[ix["t_row"], ix["t_pos"]]).float()  # [n_tok, vocab]
-            lp = torch.log_softmax(logits, -1).gather(1, ix["t_tok"][:, None])[:, 0]
+            # target and essence positions through the LM head in one product: the head's weight (262k x 640
+            # on the bundled model) is read once per step and once more in the backward, not twice each
+            n_tok = len(ix["t_row"])
+            picked = torch.cat([hidden[ix["t_row"], ix["t_pos"]], hidden[ix["kl_row"], ix["kl_pos"]]])
+            all_lp = torch.log_softmax(final_logits(model, arch, picked).float(), -1)  # [n_tok + n_kl, vocab]
+            lp = all_lp[:n_tok].gather(1, ix["t_tok"][:, None])[:, 0]
             nll = torch.zeros(n_req, device=device).index_add(0, ix["tok_req"], -lp * ix["t_w"])  # [n_req]
             loss = nll.clone()
             if len(ix["kl_row"]):
-                kl_lp = torch.log_softmax(
-                    final_logits(model, arch, hidden[ix["kl_row"], ix["kl_pos"]]).float(), -1
-                )
+                kl_lp = all_lp[n_tok:]
                 ref = ref_kl[ix["kl_req"]]
                 kl = (ref.exp() * (ref - kl_lp)).sum(-1)  # [n_kl], KL(orig || edited)
                 loss = loss.index_add(0, ix["kl_req"], kl_factor * kl)
