@@ -300,7 +300,7 @@ def evaluate(
         checkpoint: sequential with ``eval_every`` only: a folder that makes the run resumable (module docstring).
         run_meta: provenance (dataset, model, seed, versions) put into the report's ``meta``, partial ones too.
     Returns:
-        Report (its ``meta`` lacks model/dataset provenance that ``lmedit.bench`` adds).
+        Report (model/dataset provenance in its ``meta`` only as given by ``run_meta``; ``lmedit.bench`` does).
     """
     import lmedit
     from lmedit.session import EditSession
