@@ -74,6 +74,10 @@ def test_config_precedence_and_errors():
     got = build_config(templates, {}, {"context_templates": '["{}", "Therefore, {}"]'}).context_templates
     assert got == ["{}", "Therefore, {}"], "a JSON list for a list[str] field is parsed, not wrapped"
     assert build_config(templates, {}, {"context_templates": "{}"}).context_templates == ["{}"]
+    for spelling in ("None", "null"):  # an optional field set back to None from the command line
+        assert build_config(templates, {}, {"plain_key_weight": spelling}).plain_key_weight is None
+    with pytest.raises(ConfigError, match="lr"):
+        build_config(info.config_cls, {}, {"lr": "None"})  # not optional: None is refused, naming the field
     with pytest.raises(ConfigError, match="unknown FTConfig field 'lrr'"):
         build_config(info.config_cls, {}, {"lrr": 1})
     with pytest.raises(ConfigError, match="lr must be > 0"):

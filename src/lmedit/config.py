@@ -64,8 +64,10 @@ def _accepts(tp: Any, value: Any) -> bool:
 
 
 def _coerce(tp: Any, value: Any) -> Any:
-    """Turn CLI strings ("5", "[3,4]", "3,4", "true") and bare scalars into what ``tp`` accepts."""
+    """Turn CLI strings ("5", "[3,4]", "3,4", "true", "None"/"null") and bare scalars into what ``tp`` accepts."""
     candidates = [value]
+    if isinstance(value, str) and value.strip() in ("None", "none") and _accepts(tp, None):
+        return None  # Python's spelling of JSON's null, as the hyperparameter docs write it
     if isinstance(value, str):
         for parse in (json.loads, lambda s: [json.loads(v) for v in s.split(",")]):
             try:
