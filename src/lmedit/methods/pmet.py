@@ -37,7 +37,16 @@ class PMETConfig(MEMITConfig):
             )
 
 
-@register_method("pmet", PMETConfig, family="locate-then-edit", presets=MEMIT_PRESETS)
+#: MEMIT's, except on Gemma 3 270M: its MLP output is normalised before the residual (``mlp_post_norm``), so an
+#: MLP-output target of the top layer cannot be spread over the layers below it (per-layer fit 0.47-0.52 with
+#: layers 1-3, efficacy 0.30 on a 100-edit batch); one layer with clamp 2 gives efficacy 0.94, paraphrase 0.845,
+#: neighbourhood 0.967 (unedited 1.000) on the same batch (BENCHMARKS.md, session 9).
+PRESETS = MEMIT_PRESETS | {
+    "gemma3-270m": {"layers": [1], "mom2_update_weight": 2000.0, "clamp_norm_factor": 2.0},
+}
+
+
+@register_method("pmet", PMETConfig, family="locate-then-edit", presets=PRESETS)
 def edit_pmet(loaded, requests: list[EditRequest], config: PMETConfig) -> EditPatch:
     """PMET: joint attention + MLP value optimisation, MLP-only least-squares update over layers."""
     layers = resolved_layers(loaded, config)
