@@ -125,6 +125,11 @@ def test_batch_methods_reduce_the_residual(loaded, stats_env, method):
     info = patch.info
     assert info["residual_after"] < info["residual_before"]
     assert all(x["fit"] < 0.5 for x in info["layers"])
+    if loaded.arch.mlp_post_norm is not None:  # one delta per layer's MLP output (+ PMET's attention site)
+        assert info["value_sites"].startswith("per layer (MLP outputs")
+        assert (loaded.arch.module_name("attn_out", 2) in info["value_sites"]) == (method == "pmet")
+    else:  # PMET: the paper's square-root spread of the top layer's MLP-output target
+        assert info["spread"] == ("sqrt" if method == "pmet" else "linear")
     prompts, targets = [r["prompt"] for r in REQS], [r["target_new"] for r in REQS]
     before = sum(s.mean_logprob for s in lmedit.score_pairs(loaded, prompts, targets))
     with patch.applied(loaded.model):

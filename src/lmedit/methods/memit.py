@@ -109,7 +109,7 @@ def run_pipeline(
     solve: Solve,
     value_sites: list[str] | None = None,
     z_site: str | None = None,
-    realised: bool = False,
+    spread: Literal["linear", "sqrt"] = "linear",
 ) -> tuple[list[DenseDelta], dict, dict[int, torch.Tensor]]:
     """The MEMIT loop (see module docstring) with a pluggable solve.
 
@@ -120,8 +120,9 @@ def run_pipeline(
         z_site: module whose output space the targets live in (default: decoder layer L; with a single layer,
             its MLP output projection, where the delta is exactly what the weight must add); must be one of
             ``value_sites``.
-        realised: measure progress by the updates' own outputs (sum of Delta_j K_j of the layers done) instead
-            of a forward pass (PMET: targets in MLP-output space, which lower layers' edits do not reach).
+        spread: layer i of m takes the remaining residual divided by (m - i) ("linear", MEMIT: the layers share
+            it) or by sqrt(m - i) ("sqrt", PMET's square-root spread: the lower layers write more than their
+            share).
 
     Returns:
         (deltas, info, keys) where keys maps each layer to its K [in, n] (float32).
@@ -131,12 +132,12 @@ def run_pipeline(
     layers = sorted(layers)
     check_layers(loaded, layers, "layers")
     top = layers[-1]
-    # a norm on the MLP output makes residual-space targets unreachable: one value per layer instead
-    per_layer_values = (
-        z_site is None and value_sites is None and len(layers) > 1 and arch.mlp_post_norm is not None
-    )
+    # a norm on the MLP output makes a top-layer target unreachable from the layers below: one value per layer
+    # instead (other value sites, e.g. PMET's attention output, are still optimised jointly but not written)
+    mlp_sites = [arch.module_name("mlp_out", layer) for layer in layers]
+    per_layer_values = len(layers) > 1 and arch.mlp_post_norm is not None and z_site in (None, mlp_sites[-1])
     if per_layer_values:
-        value_sites = [arch.module_name("mlp_out", layer) for layer in layers]
+        value_sites = mlp_sites + [s for s in value_sites or [] if s not in mlp_sites]
     if z_site is None:
         z_site = arch.module_name("mlp_out" if len(layers) == 1 else "layer", top)
     value_sites = value_sites or [z_site]
@@ -158,22 +159,16 @@ def run_pipeline(
         keyset = compute_keys(loaded, requests, [layer], templates, overrides=overrides or None)
         k = keyset.averaged(layer, config.plain_key_weight).T  # [in, n]
         if per_layer_values:
-            site = value_sites[i]
+            site = mlp_sites[i]
             cur = run_sites(loaded, plain, [site], overrides or None, retain="output")[site]
             targets[site] = cur + vals.delta[site]  # this layer's own delta on what it outputs now
             gap = vals.delta[site]
             r = gap.T  # [out, n]
         else:
-            if realised:
-                cur = (
-                    vals.init[z_site] + sum(d["realised"] for d in per_layer)
-                    if per_layer
-                    else vals.init[z_site]
-                )
-            else:
-                cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]
+            cur = run_sites(loaded, plain, [z_site], overrides or None, retain="output")[z_site]
             gap = z - cur  # [n, d]
-            r = (gap / (len(layers) - i)).T  # [out, n]
+            share = len(layers) - i
+            r = (gap / (share**0.5 if spread == "sqrt" else share)).T  # [out, n]
         k_fit, r_fit = k, r
         if config.key_mode == "templates":  # every template's key with its request's residual, weight 1/T
             per = keyset.per_template[layer]  # [n, T, in]
@@ -188,23 +183,21 @@ def run_pipeline(
                 "residual_before": float(gap.norm(dim=-1).mean()),
                 "update_norm": float(upd.norm()),
                 "fit": float((upd @ k_fit - r_fit).norm() / r_fit.norm().clamp_min(1e-12)),
-                "realised": (upd @ k).T,  # [n, out], dropped from info below
             }
         )
         stored = (upd if layout == "out_in" else upd.T).contiguous()
         overrides[name] = (param.float() + stored).to(param.dtype)
         deltas.append(DenseDelta(name, stored.cpu()))
     if per_layer_values:
-        after = run_sites(loaded, plain, value_sites, overrides, retain="output")
+        after = run_sites(loaded, plain, mlp_sites, overrides, retain="output")
         before = sum(d["residual_before"] for d in per_layer) / len(per_layer)
-        residual_after = sum(float((targets[s] - after[s]).norm(dim=-1).mean()) for s in value_sites)
-        residual_after /= len(value_sites)
+        residual_after = sum(float((targets[s] - after[s]).norm(dim=-1).mean()) for s in mlp_sites)
+        residual_after /= len(mlp_sites)
     else:
         before = per_layer[0]["residual_before"]
         cur = run_sites(loaded, plain, [z_site], overrides, retain="output")[z_site]
         residual_after = float((z - cur).norm(dim=-1).mean())
-    for d in per_layer:
-        del d["realised"]
+    extra = [s for s in value_sites if s not in mlp_sites] if per_layer_values else []
     info = {
         "seconds": time.perf_counter() - t0,
         "stats_seconds": t_stats - t0,
@@ -213,7 +206,10 @@ def run_pipeline(
         "value_timing": vals.timing,
         "value_loss": vals.loss,
         "value_steps": vals.steps,
-        "value_sites": "per layer (MLP outputs)" if per_layer_values else z_site,
+        "value_sites": (
+            "per layer (MLP outputs" + "".join(f", {s}" for s in extra) + ")" if per_layer_values else z_site
+        ),
+        "spread": "per layer" if per_layer_values else spread,
         "residual_before": before,
         "residual_after": residual_after,
         "layers": per_layer,

@@ -3,8 +3,17 @@
 The value optimisation adds one delta to the attention output projection's output and one to the MLP output
 projection's output of the top layer L at the subject's last token (``core.values`` with two sites), so the
 target is reached jointly; only the MLP part becomes the weight update's target (the attention part is the share
-of the change the paper attributes to attention and is not written). The MLP target is spread over ``layers``
-with MEMIT's least squares, progress counted by the updates' own outputs (the targets live in MLP-output space).
+of the change the paper attributes to attention and is not written). The MLP target m_L = v_L + delta is spread
+over ``layers`` by MEMIT's least squares with the paper's square-root spread: layer i of m takes
+(m_L - current MLP output of layer L) / sqrt(m - i), the current output measured by a forward pass with the
+updates below in place, as PMET's reference code. The lower layers' MLP changes add to the residual stream, not
+to layer L's MLP output, so the MLP change written in all is larger than delta (sum of 1/sqrt(m - i) times it
+for small fits: 3.2x over 5 layers), which makes up for the attention share that is not written.
+
+Where the MLP output is normalised before the residual (``ArchSpec.mlp_post_norm``: Gemma 2/3, OLMo 2) a layer-L
+MLP-output target means nothing to the layers below, so, as MEMIT there, each layer's MLP output gets its own
+delta, optimised jointly with layer L's attention delta, and each layer's update realises its own delta
+(``info["value_sites"]`` says which form ran).
 """
 
 from __future__ import annotations
@@ -37,12 +46,9 @@ class PMETConfig(MEMITConfig):
             )
 
 
-#: MEMIT's, except on Gemma 3 270M: its MLP output is normalised before the residual (``mlp_post_norm``), so an
-#: MLP-output target of the top layer cannot be spread over the layers below it (per-layer fit 0.47-0.52 with
-#: layers 1-3, efficacy 0.30 on a 100-edit batch); one layer with clamp 2 gives efficacy 0.94, paraphrase 0.845,
-#: neighbourhood 0.967 (unedited 1.000) on the same batch (BENCHMARKS.md, session 9).
+#: MEMIT's layers; clamp measured per model (BENCHMARKS.md, PMET sections).
 PRESETS = MEMIT_PRESETS | {
-    "gemma3-270m": {"layers": [1], "mom2_update_weight": 2000.0, "clamp_norm_factor": 2.0},
+    "gemma3-270m": MEMIT_PRESETS["gemma3-270m"] | {"clamp_norm_factor": 2.0},
 }
 
 
@@ -58,6 +64,6 @@ def edit_pmet(loaded, requests: list[EditRequest], config: PMETConfig) -> EditPa
         return least_squares(k, r, c, config.mom2_update_weight, config.damping)
 
     deltas, info, _ = run_pipeline(
-        loaded, requests, config, layers, solve, value_sites=[attn, mlp], z_site=mlp, realised=True
+        loaded, requests, config, layers, solve, value_sites=[attn, mlp], z_site=mlp, spread="sqrt"
     )
     return pipeline_patch("pmet", loaded, requests, config, layers, deltas, info)
