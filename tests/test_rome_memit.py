@@ -171,6 +171,24 @@ def test_emmet_meets_equality_constraints(loaded, stats_env):
     assert patch.info["layers"][0]["fit"] < 1e-3  # Delta K = R up to float error
 
 
+def test_pmet_square_root_spread(smol_tok, stats_env):
+    """PMET's paper: layer i of m writes (target - current top MLP output) / sqrt(m - i), not / (m - i)."""
+    loaded = tiny_loaded("llama", smol_tok)  # pre-norm: the top layer's MLP-output target is spread
+    patch = lmedit.edit(
+        loaded, REQS, method="pmet", layers=[1, 2], mom2_update_weight=1e-6, v_steps=4, **stats_env
+    )
+    reqs = [lmedit.EditRequest(**r) for r in REQS]
+    k = compute_keys(loaded, reqs, [1], patch.config["context_templates"]).averaged(
+        1, patch.config["plain_key_weight"]
+    )  # [n, in]
+    upd = patch.deltas[0].materialize()
+    upd = upd if upd.shape[1] == k.shape[-1] else upd.T  # [out, in]
+    first = patch.info["layers"][0]
+    assert first["fit"] < 1e-3  # a near-exact fit, so the written change is the layer's residual target
+    written = float((upd @ k.T).norm(dim=0).mean())
+    assert written == pytest.approx(first["residual_before"] / 2**0.5, rel=1e-2)
+
+
 def test_templates_are_recorded_and_deterministic(smol_tok, stats_env):
     loaded = tiny_loaded("llama", smol_tok)
     a = lmedit.edit(loaded, REQS[0], method="rome", layer=1, v_steps=3, **stats_env)
