@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import lmedit
 from lmedit.cli import build_parser, main
@@ -95,3 +96,22 @@ def test_bad_request_file_gives_clear_error(model_dir, tmp_path, capsys):
         == 2
     )
     assert "lr must be > 0" in capsys.readouterr().err
+
+
+def test_device_option(model_dir, capsys):
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "The Eiffel Tower is in",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert main(args + ["--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--device", "nope"]) == 2
+    assert "device 'nope' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def run_bench(
     model: Any = None,
     method: str = "ft-m",
+    device: str | None = None,
     dataset: str = "bundled",
     n: int | None = None,
     sample: bool = False,
@@ -44,6 +45,7 @@ def run_bench(
     Args:
         model: spec for ``load_model`` (default: the bundled default model) or a LoadedModel.
         method: registered method name.
+        device: torch device to load ``model`` on (default CPU; ignored for a LoadedModel).
         dataset: "bundled" or a path (any format ``load_dataset`` reads); several joined by commas are
             concatenated.
         n: number of cases (first n in file order, or a seeded random subset with ``sample``).
@@ -62,7 +64,7 @@ def run_bench(
     from lmedit.models.load import DEFAULT_MODEL
 
     t0 = time.perf_counter()
-    loaded = lmedit.load_model(model if model is not None else DEFAULT_MODEL)
+    loaded = lmedit.load_model(model if model is not None else DEFAULT_MODEL, device=device)
     load_s = time.perf_counter() - t0
     ds = load_dataset(dataset, n=n, sample=sample, seed=seed)
     config = dict(overrides or {})

@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     print(
         f"  loaded in {time.perf_counter() - t0:.1f}s ({loaded.arch.name}, {loaded.arch.n_layers(loaded.model)} layers)"
     )
@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import lmedit
 
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     requests = _requests_from_args(args)
     t0 = time.perf_counter()
     patch = lmedit.edit(loaded, requests, method=args.method, **_overrides(args.set))
@@ -131,7 +131,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import lmedit
 
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     prompts = args.prompt
     if args.patch:
         patch = lmedit.EditPatch.load(args.patch)
@@ -153,7 +153,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         return 0
     if not args.model or not args.out:
         raise SystemExit(f"patch {args.action} needs --model and --out")
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     if args.action == "apply":
         patch.apply(loaded)
         print(f"applied {patch.method} patch to {args.model} (fingerprints verified)")
@@ -203,6 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sequential_curve = args.protocol == "sequential" and eval_every > 0
     report = run_bench(
         args.model,
+        device=args.device,
         method=args.method,
         dataset=args.dataset,
         n=args.n,
@@ -244,7 +245,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         layers = [int(x) for x in args.layers.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"--layers expects comma-separated integers, got {args.layers!r}") from None
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     t0 = time.perf_counter()
     stats = key_stats(
         loaded,
@@ -288,7 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     token = resolve_token(args.host, args.token)  # refuses a non-loopback host without a token
     print(f"loading {args.model} and serving on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    serve(args.model, host=args.host, port=args.port, token=token)
+    serve(args.model, host=args.host, port=args.port, token=token, device=args.device)
     return 0
 
 
@@ -313,7 +314,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import lmedit
     from lmedit.locate import aggregate, causal_trace, plot_aggregate, plot_trace, suggest_layers
 
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     default_kinds = "mlp" if (args.aggregate or args.suggest_layers) else "hidden,mlp,attn"
     kinds = tuple((args.kinds or default_kinds).split(","))
     common = dict(samples=args.samples, window=args.window, seed=args.seed, noise=args.noise)
@@ -368,7 +369,7 @@ def cmd_ffn(args: argparse.Namespace) -> int:
     import lmedit
     from lmedit.locate.ffn import ffn_report
 
-    loaded = lmedit.load_model(args.model)
+    loaded = lmedit.load_model(args.model, device=args.device)
     report = ffn_report(
         loaded,
         args.prompt,
@@ -397,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--model",
             default=DEFAULT_MODEL,
             help=f"bundled name, folder, .gguf or hub id (default {DEFAULT_MODEL})",
+        )
+        device_arg(p)
+
+    def device_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--device", help="torch device to load the model on, e.g. cuda or cuda:1 (default cpu)"
         )
 
     p = sub.add_parser("demo", help="edit the bundled model, show before/after generations, save and undo")
@@ -434,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["show", "apply", "revert"])
     p.add_argument("dir", help="patch folder")
     p.add_argument("--model", help="apply: the base model; revert: the edited model folder")
+    device_arg(p)
     p.add_argument("--out", help="folder to write the resulting model to")
     p.set_defaults(fn=cmd_patch)
 

@@ -137,6 +137,17 @@ def _load_gguf(gguf: Path, dtype: torch.dtype | None, device: str | None) -> tup
     return model, tok, folder
 
 
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(
+            f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {e}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+
+
 def _load_folder(
     folder: Path | str, dtype: torch.dtype | None, device: str | None, **kw: Any
 ) -> tuple[nn.Module, Any]:
@@ -202,6 +213,8 @@ def load_model(
         return spec
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if device is not None:
+        _check_device(device)
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise ModelLoadError("a loaded model must be passed as a (model, tokenizer) pair")

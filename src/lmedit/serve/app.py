@@ -363,14 +363,16 @@ def serve(
     port: int = 7860,
     token: str | None = None,
     log_level: str = "info",
+    device: str | None = None,
 ) -> None:
-    """Load ``model`` and serve the playground until interrupted (see ``lmedit serve --help``)."""
+    """Load ``model`` (on ``device``, default CPU) and serve the playground until interrupted (``lmedit serve
+    --help``)."""
     import uvicorn
 
     from lmedit.models.load import load_model
 
     token = resolve_token(host, token)
-    loaded = load_model(model)
+    loaded = load_model(model, device=device)
     app = create_app(ServerState(loaded), token=token, host=host)
     log.info("serving %s on http://%s:%d (token %s)", loaded.name, host, port, "required" if token else "off")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
