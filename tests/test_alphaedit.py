@@ -56,12 +56,29 @@ def test_update_is_orthogonal_to_preserved_keys(loaded, stats_env):
     for layer, d in zip((1, 2), patch.deltas):
         module = get_submodule(loaded.model, loaded.arch.module_name("mlp_out", layer))
         delta = as_out_in(d.materialize(), weight_layout(module)).double()  # [out, in]
-        p = null_space_projector(stats[layer].mom2, FAST["nullspace_threshold"])
+        p, _ = null_space_projector(stats[layer].mom2, FAST["nullspace_threshold"])
         preserved = torch.eye(p.shape[0], dtype=torch.float64) - p  # projector onto the preserved subspace
         assert 0 < patch.info["nullspace_rank"][str(layer)] < p.shape[0]
         assert float(delta.norm()) > 0
         assert float((delta @ preserved).norm() / delta.norm()) < 1e-4
     assert patch.info["residual_after"] < patch.info["residual_before"]
+
+
+def test_energy_rule_bounds_the_preserved_keys_reach(loaded, stats_env):
+    patch = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, nullspace_energy=0.05, **stats_env)
+    stats = key_stats(
+        loaded, [1, 2], stats_env["stats_corpus"], stats_env["stats_tokens"], stats_env["stats_seq_len"],
+        progress=False,
+    )  # fmt: skip
+    for layer, d in zip((1, 2), patch.deltas):
+        share = patch.info["nullspace_key_energy"][str(layer)]
+        assert 0 < share <= 0.05
+        p, expected = null_space_projector(stats[layer].mom2, energy=0.05)
+        assert share == pytest.approx(expected)
+        module = get_submodule(loaded.model, loaded.arch.module_name("mlp_out", layer))
+        delta = as_out_in(d.materialize(), weight_layout(module)).double()  # [out, in]
+        preserved = torch.eye(p.shape[0], dtype=torch.float64) - p
+        assert float((delta @ preserved).norm() / delta.norm()) < 1e-4
 
 
 def test_sequential_state_travels_in_the_patch(loaded, stats_env, tmp_path):
@@ -92,7 +109,7 @@ def test_projected_solver_math():
         torch.linspace(3, 1e-3, 12).double()
     )
     c = x.T @ x / 300
-    p = null_space_projector(c, 1e-3)
+    p, _ = null_space_projector(c, 1e-3)
     k, r = torch.randn(12, 3, generator=g), torch.randn(6, 3, generator=g)
     kp = torch.randn(12, 4, generator=g, dtype=torch.float64)
     upd = projected_least_squares(k, r, p, kp @ kp.T, l2=1.0).double()

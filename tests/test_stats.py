@@ -275,9 +275,17 @@ def test_spd_solve_damps_singular_matrices():
 
 def test_projector_spans_small_eigen_directions():
     c = torch.diag(torch.tensor([10.0, 5.0, 1e-4, 1e-5], dtype=torch.float64))
-    p = solvers.null_space_projector(c, 1e-2)
+    p, _ = solvers.null_space_projector(c, 1e-2)
     torch.testing.assert_close(p, torch.diag(torch.tensor([0.0, 0, 1, 1], dtype=torch.float64)))
-    assert float(solvers.null_space_projector(c, 1e-2, relative=False).trace()) == pytest.approx(2)
+    assert float(solvers.null_space_projector(c, 1e-2, relative=False)[0].trace()) == pytest.approx(2)
+    # energy rule: the smallest directions holding at most that share of tr C, and the share reported
+    c = torch.diag(torch.tensor([6.0, 2.0, 1.5, 0.5], dtype=torch.float64))  # tr 10
+    p, share = solvers.null_space_projector(c, energy=0.2)
+    torch.testing.assert_close(p, torch.diag(torch.tensor([0.0, 0, 1, 1], dtype=torch.float64)))
+    assert share == pytest.approx(0.2)
+    p, share = solvers.null_space_projector(c, energy=0.19)
+    assert float(p.trace()) == pytest.approx(1) and share == pytest.approx(0.05)
+    assert solvers.null_space_projector(c, 0.3)[1] == pytest.approx(0.2)  # 1.5, 0.5 < 0.3 x 6
 
 
 def test_cli_stats_precomputes_then_hits_cache(loaded, corpus_file, tmp_path, monkeypatch, capsys):

@@ -126,19 +126,30 @@ def least_squares(
 
 
 def null_space_projector(
-    c: torch.Tensor, threshold: float = 1e-2, relative: bool = True, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """P [in, in] projecting onto the span of C's eigenvectors with small eigenvalues (AlphaEdit).
+    c: torch.Tensor,
+    threshold: float = 1e-2,
+    relative: bool = True,
+    energy: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, float]:
+    """P [in, in] projecting onto the span of C's eigenvectors with small eigenvalues (AlphaEdit), and the share
+    of the preserved keys' energy E|k|^2 = tr C that lies in that span (E|P k|^2 / E|k|^2: how far the update
+    can still reach the preserved keys).
 
     An eigenvalue counts as small when it is below ``threshold`` times the largest one (``relative=True``), or
     below ``threshold`` itself (``relative=False``: the paper's absolute rule, which depends on the model's
-    activation scale).
+    activation scale). With ``energy`` the smallest eigenvalues whose sum stays within that share of tr C are
+    taken instead (a bound on the preserved keys' reach, whatever the spectrum's shape).
     """
     c = c.to(dtype)
     evals, evecs = torch.linalg.eigh((c + c.T) / 2)  # ascending
-    cut = threshold * evals[-1].clamp_min(0) if relative else threshold
-    basis = evecs[:, evals < cut]  # [in, r]
-    return basis @ basis.T
+    evals = evals.clamp_min(0)
+    if energy is not None:
+        small = evals.cumsum(0) <= energy * evals.sum()
+    else:
+        small = evals < (threshold * evals[-1] if relative else threshold)
+    basis = evecs[:, small]  # [in, r]
+    return basis @ basis.T, float(evals[small].sum() / evals.sum().clamp_min(1e-300))
 
 
 def projected_least_squares(

@@ -78,6 +78,11 @@ class AlphaEditConfig(MEMITConfig):
     nullspace_relative: bool = hp(
         True, "Threshold relative to the largest eigenvalue (False: absolute, as the paper's 2e-2)."
     )
+    nullspace_energy: float | None = hp(
+        None,
+        "If set, the null space is instead the smallest eigen-directions of E[k k^T] holding at most this share "
+        "of the preserved keys' energy tr E[k k^T] (info['nullspace_key_energy'] reports the share either way).",
+    )
     l2: float = hp(10.0, "Ridge l2 on the projected update (AlphaEdit's L2).")
     previous: Any = hp(
         None,
@@ -88,6 +93,8 @@ class AlphaEditConfig(MEMITConfig):
         super().validate()
         if self.nullspace_threshold <= 0 or self.l2 < 0:
             raise ConfigError("nullspace_threshold must be > 0 and l2 >= 0")
+        if self.nullspace_energy is not None and not 0 < self.nullspace_energy < 1:
+            raise ConfigError(f"nullspace_energy must be in (0, 1) (or None), got {self.nullspace_energy}")
         if self.previous is not None and not isinstance(self.previous, (AlphaEditState, EditPatch)):
             raise ConfigError(
                 f"previous must be an AlphaEditState or an alphaedit EditPatch, got {type(self.previous).__name__}"
@@ -108,15 +115,23 @@ def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig)
     prev = config.previous
     state = AlphaEditState.from_patch(prev) if isinstance(prev, EditPatch) else (prev or AlphaEditState())
     ranks: dict[str, int] = {}
+    reach: dict[str, float] = {}
 
     def solve(layer: int, k: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        p = null_space_projector(c, config.nullspace_threshold, config.nullspace_relative)  # [in, in]
+        p, reach[str(layer)] = null_space_projector(
+            c, config.nullspace_threshold, config.nullspace_relative, config.nullspace_energy
+        )  # [in, in]
         rank = int(round(float(p.trace())))
         ranks[str(layer)] = rank
         if rank == 0:
+            rule = (
+                f"nullspace_energy={config.nullspace_energy}"
+                if config.nullspace_energy is not None
+                else f"nullspace_threshold={config.nullspace_threshold}"
+            )
             raise ConfigError(
-                f"layer {layer}: no eigenvalue of E[k k^T] is below nullspace_threshold="
-                f"{config.nullspace_threshold}; raise it (the null space is empty, nothing can be edited)"
+                f"layer {layer}: the null space of E[k k^T] under {rule} is empty (nothing can be edited); "
+                "raise it"
             )
         gram = state.gram(layer)
         return projected_least_squares(k, r, p, None if gram is None else gram.to(k.device), config.l2)
@@ -124,6 +139,7 @@ def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig)
     deltas, info, keys = run_pipeline(loaded, requests, config, layers, solve)
     new_state = state.extended(keys)
     info["nullspace_rank"] = ranks
+    info["nullspace_key_energy"] = reach
     info["sequential_edits_before"] = state.n_edits
     return pipeline_patch(
         "alphaedit", loaded, requests, config, layers, deltas, info, extras=new_state.to_extras()
