@@ -33,7 +33,7 @@ MORE = [
     {"prompt": "Michel Rocard is a native speaker of", "subject": "Michel Rocard", "target_new": " German"}
 ]
 #: tiny random models have a flat key spectrum: a generous relative threshold leaves a real null space
-FAST = {"nullspace_threshold": 0.3, "v_steps": 4, "layers": [1, 2]}
+FAST = {"nullspace_energy": None, "nullspace_threshold": 0.3, "v_steps": 4, "layers": [1, 2]}
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -65,7 +65,7 @@ def test_update_is_orthogonal_to_preserved_keys(loaded, stats_env):
 
 
 def test_energy_rule_bounds_the_preserved_keys_reach(loaded, stats_env):
-    patch = lmedit.edit(loaded, REQS, method="alphaedit", **FAST, nullspace_energy=0.05, **stats_env)
+    patch = lmedit.edit(loaded, REQS, method="alphaedit", **(FAST | {"nullspace_energy": 0.05}), **stats_env)
     stats = key_stats(
         loaded, [1, 2], stats_env["stats_corpus"], stats_env["stats_tokens"], stats_env["stats_seq_len"],
         progress=False,
@@ -123,10 +123,15 @@ def test_projected_solver_math():
 
 def test_empty_null_space_is_an_error(smol_tok, stats_env):
     loaded = tiny_loaded("llama", smol_tok)
-    with pytest.raises(ConfigError, match="nullspace_threshold"):
+    kw = dict(v_steps=2, layers=[1], **stats_env)
+    with pytest.raises(ConfigError, match="nullspace_threshold=1e-09"):
         lmedit.edit(
-            loaded, REQS[0], method="alphaedit", nullspace_threshold=1e-9, v_steps=2, layers=[1], **stats_env
+            loaded, REQS[0], method="alphaedit", nullspace_energy=None, nullspace_threshold=1e-9, **kw
         )
+    with pytest.raises(ConfigError, match="nullspace_energy=1e-09"):  # below the smallest eigenvalue's share
+        lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_energy=1e-9, **kw)
+    with pytest.raises(ConfigError, match=r"nullspace_energy must be in \(0, 1\)"):
+        lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_energy=1.5, **kw)
 
 
 def test_sequential_protocol_carries_the_state(loaded, stats_env):

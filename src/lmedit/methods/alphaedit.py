@@ -1,7 +1,9 @@
 """AlphaEdit (Fang et al. 2025): MEMIT's pipeline with the update projected onto the preserved keys' null space.
 
-Per layer, P projects onto the eigenvectors of C = E[k k^T] whose eigenvalue is below ``nullspace_threshold``
-(directions the preserved knowledge does not use). The update solves
+Per layer, P projects onto the eigenvectors of C = E[k k^T] with the smallest eigenvalues (directions the
+preserved knowledge hardly uses): by default those holding at most ``nullspace_energy`` (5 %) of the preserved
+keys' energy tr C, or, with ``nullspace_energy=None``, those below ``nullspace_threshold`` (the paper's rule).
+The update solves
 
     Delta^T = (P (Kp Kp^T + K K^T) + l2 I)^-1 P K R^T        (``core.solvers.projected_least_squares``)
 
@@ -72,16 +74,19 @@ class AlphaEditState:
 class AlphaEditConfig(MEMITConfig):
     nullspace_threshold: float = hp(
         1e-2,
-        "Eigenvalues of E[k k^T] below this fraction of the largest (or below this value when "
-        "nullspace_relative=False) span the null space the update is confined to.",
+        "With nullspace_energy=None: eigenvalues of E[k k^T] below this fraction of the largest (or below this "
+        "value when nullspace_relative=False) span the null space the update is confined to.",
     )
     nullspace_relative: bool = hp(
         True, "Threshold relative to the largest eigenvalue (False: absolute, as the paper's 2e-2)."
     )
     nullspace_energy: float | None = hp(
-        None,
-        "If set, the null space is instead the smallest eigen-directions of E[k k^T] holding at most this share "
-        "of the preserved keys' energy tr E[k k^T] (info['nullspace_key_energy'] reports the share either way).",
+        0.05,
+        "The null space is the smallest eigen-directions of E[k k^T] holding at most this share of the "
+        "preserved keys' energy tr E[k k^T] (None: use nullspace_threshold instead). With the relative 1e-2 "
+        "threshold the null space held 26-41 % of the energy on Gemma 3 270M and 200 sequential edits raised "
+        "WikiText perplexity 85.7 -> 124.4; 0.05 gave 100.8 with efficacy 0.975 (BENCHMARKS.md, session 10). "
+        "info['nullspace_key_energy'] reports the share either way.",
     )
     l2: float = hp(10.0, "Ridge l2 on the projected update (AlphaEdit's L2).")
     previous: Any = hp(
