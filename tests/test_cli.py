@@ -115,3 +115,6 @@ def test_device_option(model_dir, capsys):
     if not torch.cuda.is_available():
         assert main(args + ["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+    else:
+        assert main(args + ["--device", f"cuda:{torch.cuda.device_count()}"]) == 2
+        assert "CUDA device(s)" in capsys.readouterr().err

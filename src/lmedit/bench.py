@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 def run_bench(
     model: Any = None,
     method: str = "ft-m",
-    device: str | None = None,
     dataset: str = "bundled",
     n: int | None = None,
     sample: bool = False,
@@ -39,13 +38,13 @@ def run_bench(
     perplexity: str | None = None,
     perplexity_tokens: int = 4096,
     checkpoint: str | None = None,
+    device: str | None = None,
 ) -> Report:
     """Benchmark ``method`` on ``dataset`` under ``protocol``.
 
     Args:
         model: spec for ``load_model`` (default: the bundled default model) or a LoadedModel.
         method: registered method name.
-        device: torch device to load ``model`` on (default CPU; ignored for a LoadedModel).
         dataset: "bundled" or a path (any format ``load_dataset`` reads); several joined by commas are
             concatenated.
         n: number of cases (first n in file order, or a seeded random subset with ``sample``).
@@ -58,6 +57,7 @@ def run_bench(
         checkpoint: sequential runs with ``eval_every``: a folder that makes the run resumable - every retention
             checkpoint saves the patches, the curve and a partial report there, and the same command started
             again continues after the last one (``lmedit.evaluate.checkpoint``).
+        device: torch device to load ``model`` on (default CPU; ignored for a LoadedModel).
     """
     import lmedit
     from lmedit.core.patch import versions

@@ -134,9 +134,11 @@ def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig)
                 if config.nullspace_energy is not None
                 else f"nullspace_threshold={config.nullspace_threshold}"
             )
+            ev = torch.linalg.eigvalsh(c.double()).clamp_min(0)
             raise ConfigError(
                 f"layer {layer}: the null space of E[k k^T] under {rule} is empty (nothing can be edited); "
-                "raise it"
+                f"raise it (the smallest eigenvalue alone is {float(ev[0] / ev.sum()):.2e} of the trace and "
+                f"{float(ev[0] / ev[-1]):.2e} of the largest)"
             )
         gram = state.gram(layer)
         return projected_least_squares(k, r, p, None if gram is None else gram.to(k.device), config.l2)

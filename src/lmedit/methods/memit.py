@@ -127,6 +127,8 @@ def run_pipeline(
     Returns:
         (deltas, info, keys) where keys maps each layer to its K [in, n] (float32).
     """
+    if spread not in ("linear", "sqrt"):
+        raise ValueError(f"spread must be 'linear' or 'sqrt', got {spread!r}")
     t0 = time.perf_counter()
     arch = loaded.arch
     layers = sorted(layers)

@@ -146,6 +146,12 @@ def _check_device(device: str) -> None:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0.."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available on this machine; use cpu")
 
 
 def _load_folder(
@@ -202,7 +208,7 @@ def load_model(
             file, a hub id (needs a reachable hub), an already-loaded ``(model, tokenizer)`` pair, or a
             LoadedModel (returned as is).
         dtype: e.g. ``torch.bfloat16`` or ``"bfloat16"``; default: as stored (float32 for dequantized GGUF).
-        device: e.g. ``"cuda"``; default CPU.
+        device: e.g. ``"cuda"``; default CPU (a ``(model, tokenizer)`` pair is moved there; default: left as is).
         arch: an ArchSpec (or a dict of fields) overriding the table entry for ``config.model_type``.
 
     Returns:
@@ -219,6 +225,8 @@ def load_model(
         if len(spec) != 2:
             raise ModelLoadError("a loaded model must be passed as a (model, tokenizer) pair")
         model, tok = spec
+        if device is not None:
+            model = model.to(device)
         return _prepare(
             model, tok, arch, getattr(model.config, "_name_or_path", "custom") or "custom", {"kind": "object"}
         )
