@@ -354,7 +354,7 @@ def test_checkpoint_carries_alphaedit_state_in_the_newest_patch_only(
     from tiny_models import tiny_loaded
 
     loaded = tiny_loaded("llama", smol_tok)
-    config = {"v_steps": 4, "layers": [1, 2], **stats_env}
+    config = {"nullspace_energy": 0.3, "v_steps": 4, "layers": [1, 2], **stats_env}
     cases = load_dataset(str(dataset_file)).cases
     ckpt = _resume_matches_uninterrupted(loaded, cases, "alphaedit", config, tmp_path, monkeypatch)
     saved = [EditPatch.load(ckpt / "patches" / f"{i:06d}") for i in range(4)]

@@ -1,8 +1,9 @@
 """AlphaEdit (Fang et al. 2025): MEMIT's pipeline with the update projected onto the preserved keys' null space.
 
 Per layer, P projects onto the eigenvectors of C = E[k k^T] with the smallest eigenvalues (directions the
-preserved knowledge hardly uses): by default those holding at most ``nullspace_energy`` (5 %) of the preserved
-keys' energy tr C, or, with ``nullspace_energy=None``, those below ``nullspace_threshold`` (the paper's rule).
+preserved knowledge hardly uses): those below ``nullspace_threshold`` (the paper's rule, relative to the largest
+by default) or, with ``nullspace_energy`` set (the Gemma 3 270M preset), those holding at most that share of the
+preserved keys' energy tr C.
 The update solves
 
     Delta^T = (P (Kp Kp^T + K K^T) + l2 I)^-1 P K R^T        (``core.solvers.projected_least_squares``)
@@ -81,12 +82,13 @@ class AlphaEditConfig(MEMITConfig):
         True, "Threshold relative to the largest eigenvalue (False: absolute, as the paper's 2e-2)."
     )
     nullspace_energy: float | None = hp(
-        0.05,
-        "The null space is the smallest eigen-directions of E[k k^T] holding at most this share of the "
-        "preserved keys' energy tr E[k k^T] (None: use nullspace_threshold instead). With the relative 1e-2 "
+        None,
+        "If set, the null space is the smallest eigen-directions of E[k k^T] holding at most this share of the "
+        "preserved keys' energy tr E[k k^T] instead (Gemma 3 270M preset: 0.05). With the relative 1e-2 "
         "threshold the null space held 26-41 % of the energy on Gemma 3 270M and 200 sequential edits raised "
-        "WikiText perplexity 85.7 -> 124.4; 0.05 gave 100.8 with efficacy 0.975 (BENCHMARKS.md, session 10). "
-        "info['nullspace_key_energy'] reports the share either way.",
+        "WikiText perplexity 85.7 -> 124.4 (0.05: 100.8, efficacy 0.975); on SmolLM2 it held 2-25 % and did "
+        "no harm, and 0.05 halved reliability (BENCHMARKS.md, session 10). info['nullspace_key_energy'] reports "
+        "the share either way: a large share means weak protection.",
     )
     l2: float = hp(10.0, "Ridge l2 on the projected update (AlphaEdit's L2).")
     previous: Any = hp(
@@ -113,7 +115,12 @@ class AlphaEditConfig(MEMITConfig):
         return d
 
 
-@register_method("alphaedit", AlphaEditConfig, family="locate-then-edit", presets=MEMIT_PRESETS)
+#: MEMIT's, plus the energy rule on Gemma 3 270M, whose smooth key spectrum leaves 26-41 % of the keys' energy in
+#: the relative-threshold null space (BENCHMARKS.md, session 10).
+PRESETS = MEMIT_PRESETS | {"gemma3-270m": MEMIT_PRESETS["gemma3-270m"] | {"nullspace_energy": 0.05}}
+
+
+@register_method("alphaedit", AlphaEditConfig, family="locate-then-edit", presets=PRESETS)
 def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig) -> EditPatch:
     """AlphaEdit: MEMIT with the update projected onto the null space of preserved keys (sequential-safe)."""
     layers = resolved_layers(loaded, config)
