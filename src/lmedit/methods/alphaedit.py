@@ -87,7 +87,7 @@ class AlphaEditConfig(MEMITConfig):
         "preserved keys' energy tr E[k k^T] instead (Gemma 3 270M preset: 0.05). With the relative 1e-2 "
         "threshold the null space held 26-41 % of the energy on Gemma 3 270M and 200 sequential edits raised "
         "WikiText perplexity 85.7 -> 124.4 (0.05: 100.8, efficacy 0.975); on SmolLM2 it held 2-25 % and did "
-        "no harm, and 0.05 halved reliability (BENCHMARKS.md, session 10). info['nullspace_key_energy'] reports "
+        "little harm, and 0.05 halved reliability (BENCHMARKS.md, session 10). info['nullspace_key_energy'] reports "
         "the share either way: a large share means weak protection.",
     )
     l2: float = hp(10.0, "Ridge l2 on the projected update (AlphaEdit's L2).")
