@@ -163,3 +163,49 @@ def test_replaying_the_layers_below_the_patched_mlp_changes_nothing(loaded, patc
     full = lmedit.edit(loaded, REQ, method="tpatcher", **FAST)
     for name in ("keys", "biases", "values"):
         assert torch.equal(full.adapters[0].tensors[name], patch.adapters[0].tensors[name]), name
+
+
+def test_the_chain_keeps_its_prompt_inputs_so_the_next_edit_does_not_re_encode_them(
+    loaded, patch, monkeypatch
+):
+    import dataclasses
+
+    import lmedit.methods.tpatcher as tpatcher
+
+    snap = state(loaded.model)
+    name = patch.adapters[0].module
+    encoded: list[str] = []
+
+    def spy(loaded_, path, prompts):
+        encoded.extend(prompts)
+        return module_inputs(loaded_, path, prompts)
+
+    monkeypatch.setattr(tpatcher, "module_inputs", spy)
+    session = lmedit.EditSession(loaded)
+    session.apply(patch)
+    wrapper = loaded.model.get_submodule(name)
+    want = module_inputs(loaded, name, [REQ["prompt"]])[0]
+    assert torch.allclose(wrapper.prompt_inputs, want), "the wrapper holds the edit prompt's MLP inputs"
+    encoded.clear()
+    kept = lmedit.edit(loaded, REQ2, method="tpatcher", **FAST)
+    assert REQ["prompt"] not in encoded, "the earlier edit prompt was re-encoded"
+    session.apply(kept)
+    both = module_inputs(loaded, name, [REQ["prompt"], REQ2["prompt"]])
+    assert torch.allclose(loaded.model.get_submodule(name).prompt_inputs, torch.cat(both))
+    session.reset()
+
+    # a chain saved before the wrapper kept them (no prompt_inputs): the earlier prompts are encoded instead,
+    # and the neuron comes out the same
+    spec = patch.adapters[0]
+    old_spec = dataclasses.replace(
+        spec, tensors={k: v for k, v in spec.tensors.items() if k != "prompt_inputs"}
+    )
+    session.apply(dataclasses.replace(patch, adapters=[old_spec]))
+    assert loaded.model.get_submodule(name).prompt_inputs is None
+    encoded.clear()
+    again = lmedit.edit(loaded, REQ2, method="tpatcher", **FAST)
+    assert REQ["prompt"] in encoded
+    for key in ("keys", "biases", "values"):
+        assert torch.allclose(again.adapters[0].tensors[key], kept.adapters[0].tensors[key], atol=1e-6), key
+    session.reset()
+    assert same(loaded.model, snap)

@@ -365,6 +365,8 @@ class TPatcherNeurons(AdapterWrapper):
     Buffers: ``keys`` [n, d_model], ``biases`` [n], ``values`` [n, d_model]; the MLP's output gains
     ``relu(x . key_i + bias_i) * value_i`` for every neuron, ``x`` being the MLP's input. The spec holds only
     the neurons this patch adds after those of its parent; a chain's wrappers share one growing storage.
+    ``prompt_inputs`` [t, d_model] holds the MLP inputs at every token of the chain's edit prompts (the next
+    edit's memory set, so it need not re-encode them); None when a patch of the chain predates it.
     """
 
     kind = "tpatcher"
@@ -387,7 +389,15 @@ class TPatcherNeurons(AdapterWrapper):
                 f"{tuple(biases.shape)}, values {tuple(values.shape)} after extending "
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
-        return {"keys": keys, "biases": biases, "values": values}
+        inputs = tensors.get("prompt_inputs")
+        old_inputs = getattr(previous, "prompt_inputs", None) if previous is not None else None
+        if inputs is not None and (previous is None or old_inputs is not None):
+            old_inputs = inputs[:0] if old_inputs is None else old_inputs
+            self._stores["prompt_inputs"] = _RowStore.extend(stores.get("prompt_inputs"), old_inputs, inputs)
+            inputs = self._stores["prompt_inputs"].view()
+        else:
+            inputs = None
+        return {"keys": keys, "biases": biases, "values": values, "prompt_inputs": inputs}
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):

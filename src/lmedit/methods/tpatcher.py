@@ -28,7 +28,11 @@ for negative inputs, so "inactive" would not mean "no effect"); the memory set i
 contrast prompts instead of the task's training data.
 
 Sequential edits add further neurons: with a T-Patcher wrapper already installed on that MLP, the patch's
-adapter *replaces* it (``AdapterSpec.parent``) and stores only the neurons it adds.
+adapter *replaces* it (``AdapterSpec.parent``) and stores only the neurons it adds, plus the MLP inputs at every
+token of its edit prompts (``prompt_inputs``, about 4 x d_model bytes per token): the wrapper keeps the chain's,
+so the next edit's memory set does not re-encode every earlier edit prompt and an edit's cost stays flat as the
+chain grows. These are the inputs each earlier prompt had when its neuron was trained (the MLP's input does not
+depend on the patch neurons; a weight edit made in between by another method is not reflected).
 
     >>> session = lmedit.EditSession(loaded)
     >>> session.apply(lmedit.edit(loaded, req1, method="tpatcher"))   # one neuron
@@ -161,8 +165,11 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
 
     earlier = list(previous.spec.config["prompts"]) if previous is not None else []
     prompts = [edit_prompt(r) for r in requests]
-    mem_prompts = list(config.memory_prompts)
-    x_mem = module_inputs(loaded, path, mem_prompts + earlier)
+    x_mem = module_inputs(loaded, path, list(config.memory_prompts))
+    if earlier and previous.prompt_inputs is not None:  # kept by the installed wrapper: no re-encoding
+        x_mem.append(previous.prompt_inputs.float())
+    else:  # none earlier, or a chain saved before the wrapper kept them
+        x_mem += module_inputs(loaded, path, earlier)
     x_edit = module_inputs(loaded, path, prompts)
     d = x_edit[0].shape[1]
     keys, biases, values = torch.zeros(0, d), torch.zeros(0), torch.zeros(0, d)
@@ -188,7 +195,7 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
         "tpatcher",
         name,
         config={"prompts": earlier + prompts, "n_previous": len(earlier)},
-        tensors={"keys": keys, "biases": biases, "values": values},
+        tensors={"keys": keys, "biases": biases, "values": values, "prompt_inputs": torch.cat(x_edit).cpu()},
         parent=previous.spec_fingerprint if previous is not None else None,
     )
     base_mod = site.base
