@@ -12,7 +12,7 @@ from lmedit.core.patch import EditPatch
 from lmedit.core.solvers import null_space_projector, projected_least_squares
 from lmedit.core.stats import key_stats
 from lmedit.errors import ConfigError
-from lmedit.methods.alphaedit import AlphaEditState
+from lmedit.methods.alphaedit import AlphaEditConfig, AlphaEditState
 from lmedit.models.arch import as_out_in, get_submodule, weight_layout
 from tiny_models import tiny_loaded
 
@@ -56,7 +56,9 @@ def test_update_is_orthogonal_to_preserved_keys(loaded, stats_env):
     for layer, d in zip((1, 2), patch.deltas):
         module = get_submodule(loaded.model, loaded.arch.module_name("mlp_out", layer))
         delta = as_out_in(d.materialize(), weight_layout(module)).double()  # [out, in]
-        p, _ = null_space_projector(stats[layer].mom2, FAST["nullspace_threshold"])
+        p, _ = null_space_projector(
+            stats[layer].mom2, FAST["nullspace_threshold"], mean_cap=AlphaEditConfig().nullspace_mean_cap
+        )
         preserved = torch.eye(p.shape[0], dtype=torch.float64) - p  # projector onto the preserved subspace
         assert 0 < patch.info["nullspace_rank"][str(layer)] < p.shape[0]
         assert float(delta.norm()) > 0
@@ -135,6 +137,10 @@ def test_empty_null_space_is_an_error(smol_tok, stats_env):
         lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_energy=1e-9, **kw)
     with pytest.raises(ConfigError, match=r"nullspace_energy must be in \(0, 1\)"):
         lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_energy=1.5, **kw)
+    with pytest.raises(ConfigError, match="nullspace_mean_cap=1e-09"):  # the cap alone empties it
+        lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_energy=None, nullspace_mean_cap=1e-9, **kw)
+    with pytest.raises(ConfigError, match="nullspace_mean_cap must be > 0"):
+        lmedit.edit(loaded, REQS[0], method="alphaedit", nullspace_mean_cap=0.0, **kw)
 
 
 def test_sequential_protocol_carries_the_state(loaded, stats_env):
