@@ -207,5 +207,7 @@ def test_the_chain_keeps_its_prompt_inputs_so_the_next_edit_does_not_re_encode_t
     assert REQ["prompt"] in encoded
     for key in ("keys", "biases", "values"):
         assert torch.allclose(again.adapters[0].tensors[key], kept.adapters[0].tensors[key], atol=1e-6), key
+    session.apply(again)  # extending an old chain: it still has no prompt_inputs, so the next edit re-encodes
+    assert loaded.model.get_submodule(name).prompt_inputs is None
     session.reset()
     assert same(loaded.model, snap)

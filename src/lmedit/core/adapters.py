@@ -390,12 +390,16 @@ class TPatcherNeurons(AdapterWrapper):
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
         inputs = tensors.get("prompt_inputs")
-        old_inputs = getattr(previous, "prompt_inputs", None) if previous is not None else None
-        if inputs is not None and (previous is None or old_inputs is not None):
-            old_inputs = inputs[:0] if old_inputs is None else old_inputs
+        if inputs is not None and not (inputs.dim() == 2 and inputs.shape[1] == keys.shape[1]):
+            raise PatchError(
+                f"T-Patcher adapter at {self.spec.module}: prompt_inputs {tuple(inputs.shape)} do not match keys "
+                f"{tuple(keys.shape)}; the patch is corrupt"
+            )
+        if inputs is not None and (previous is None or previous.prompt_inputs is not None):
+            old_inputs = inputs[:0] if previous is None else previous.prompt_inputs
             self._stores["prompt_inputs"] = _RowStore.extend(stores.get("prompt_inputs"), old_inputs, inputs)
             inputs = self._stores["prompt_inputs"].view()
-        else:
+        else:  # a patch of the chain predates prompt_inputs
             inputs = None
         return {"keys": keys, "biases": biases, "values": values, "prompt_inputs": inputs}
 

@@ -88,7 +88,7 @@ class AlphaEditConfig(MEMITConfig):
         "is not one the preserved keys hardly use. It matters where a few outlier directions inflate the largest "
         "eigenvalue: on Gemma 3 270M 1e-2 of the largest is 2-4x the mean (null space 26-41 % of the keys' energy "
         "without the cap, 15-24 % with it); on SmolLM2 it is 0.3-0.7x and the cap changes nothing. 0.5 "
-        "(10-15 %) was measured on both (BENCHMARKS.md, session 11).",
+        "was measured on both (Gemma 10-15 %, SmolLM2 1.7-15 %; BENCHMARKS.md, session 11).",
     )
     nullspace_energy: float | None = hp(
         None,
@@ -151,17 +151,19 @@ def edit_alphaedit(loaded, requests: list[EditRequest], config: AlphaEditConfig)
         rank = int(round(float(p.trace())))
         ranks[str(layer)] = rank
         if rank == 0:
-            rule = (
-                f"nullspace_energy={config.nullspace_energy}"
-                if config.nullspace_energy is not None
-                else f"nullspace_threshold={config.nullspace_threshold}, "
-                f"nullspace_mean_cap={config.nullspace_mean_cap}"
-            )
+            if config.nullspace_energy is not None:
+                rule, fix = f"nullspace_energy={config.nullspace_energy}", "raise it"
+            else:
+                rule = (
+                    f"nullspace_threshold={config.nullspace_threshold}, "
+                    f"nullspace_mean_cap={config.nullspace_mean_cap}"
+                )
+                fix = "raise nullspace_threshold or nullspace_mean_cap (None: no cap)"
             ev = torch.linalg.eigvalsh(c.double()).clamp_min(0)
             raise ConfigError(
                 f"layer {layer}: the null space of E[k k^T] under {rule} is empty (nothing can be edited); "
-                f"raise it (the smallest eigenvalue alone is {float(ev[0] / ev.sum()):.2e} of the trace and "
-                f"{float(ev[0] / ev[-1]):.2e} of the largest)"
+                f"{fix} - the smallest eigenvalue alone is {float(ev[0] / ev.sum()):.2e} of the trace, "
+                f"{float(ev[0] / ev.mean()):.2e} of the mean and {float(ev[0] / ev[-1]):.2e} of the largest"
             )
         gram = state.gram(layer)
         return projected_least_squares(k, r, p, None if gram is None else gram.to(k.device), config.l2)

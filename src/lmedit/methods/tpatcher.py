@@ -30,9 +30,11 @@ contrast prompts instead of the task's training data.
 Sequential edits add further neurons: with a T-Patcher wrapper already installed on that MLP, the patch's
 adapter *replaces* it (``AdapterSpec.parent``) and stores only the neurons it adds, plus the MLP inputs at every
 token of its edit prompts (``prompt_inputs``, about 4 x d_model bytes per token): the wrapper keeps the chain's,
-so the next edit's memory set does not re-encode every earlier edit prompt and an edit's cost stays flat as the
-chain grows. These are the inputs each earlier prompt had when its neuron was trained (the MLP's input does not
-depend on the patch neurons; a weight edit made in between by another method is not reflected).
+so the next edit's memory set does not re-encode every earlier edit prompt and an edit's cost no longer grows with
+the chain (only the memory loss's product over the stored tokens does). These are the inputs each earlier prompt
+had when its neuron was trained: the MLP's input does not depend on this layer's neurons, but an edit below the
+layer made in between (another method, or an adapter at a lower layer) is not reflected. A chain begun before
+patches stored them keeps re-encoding.
 
     >>> session = lmedit.EditSession(loaded)
     >>> session.apply(lmedit.edit(loaded, req1, method="tpatcher"))   # one neuron
@@ -165,12 +167,12 @@ def run_tpatcher(loaded, requests: list[EditRequest], config: TPatcherConfig) ->
 
     earlier = list(previous.spec.config["prompts"]) if previous is not None else []
     prompts = [edit_prompt(r) for r in requests]
+    x_edit = module_inputs(loaded, path, prompts)
     x_mem = module_inputs(loaded, path, list(config.memory_prompts))
     if earlier and previous.prompt_inputs is not None:  # kept by the installed wrapper: no re-encoding
-        x_mem.append(previous.prompt_inputs.float())
+        x_mem.append(previous.prompt_inputs.to(device=x_edit[0].device, dtype=torch.float32))
     else:  # none earlier, or a chain saved before the wrapper kept them
         x_mem += module_inputs(loaded, path, earlier)
-    x_edit = module_inputs(loaded, path, prompts)
     d = x_edit[0].shape[1]
     keys, biases, values = torch.zeros(0, d), torch.zeros(0), torch.zeros(0, d)
     log_entries = []
