@@ -190,8 +190,8 @@ def test_the_chain_keeps_its_prompt_inputs_so_the_next_edit_does_not_re_encode_t
     kept = lmedit.edit(loaded, REQ2, method="tpatcher", **FAST)
     assert REQ["prompt"] not in encoded, "the earlier edit prompt was re-encoded"
     session.apply(kept)
-    both = module_inputs(loaded, name, [REQ["prompt"], REQ2["prompt"]])
-    assert torch.allclose(loaded.model.get_submodule(name).prompt_inputs, torch.cat(both))
+    both = module_inputs(loaded, name, [REQ["prompt"], REQ2["prompt"]])  # one padded batch: rounding differs
+    assert torch.allclose(loaded.model.get_submodule(name).prompt_inputs, torch.cat(both), atol=1e-5)
     session.reset()
 
     # a chain saved before the wrapper kept them (no prompt_inputs): the earlier prompts are encoded instead,
