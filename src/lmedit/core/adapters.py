@@ -104,6 +104,18 @@ class AdapterWrapper(nn.Module):
         same-kind adapter this one replaces (None if none). Default: the spec's tensors as they are."""
         return tensors
 
+    def extend_rows(
+        self, previous: AdapterWrapper | None, new: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``new`` rows appended after the replaced adapter's buffers of the same names (after nothing without
+        one), in the chain's shared growing storage (``_RowStore``, kept in ``self._stores``); returns the views."""
+        stores = getattr(previous, "_stores", {}) if previous is not None else {}
+        mine = self.__dict__.setdefault("_stores", {})
+        for name, rows in new.items():
+            old = getattr(previous, name) if previous is not None else rows[:0]
+            mine[name] = _RowStore.extend(stores.get(name), old, rows)
+        return {name: mine[name].view() for name in new}
+
     def release(self) -> None:
         """Called when this wrapper is taken out and the module it replaced goes back (default: nothing).
 
@@ -208,14 +220,8 @@ class GraceCodebook(AdapterWrapper):
     kind = "grace"
 
     def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
-        if previous is None:
-            old_k, old_v, stores = tensors["keys"][:0], tensors["values"][:0], {}
-        else:
-            old_k, old_v, stores = previous.keys, previous.values, getattr(previous, "_stores", {})
-        k_store = _RowStore.extend(stores.get("keys"), old_k, tensors["keys"])
-        v_store = _RowStore.extend(stores.get("values"), old_v, tensors["values"])
-        self._stores = {"keys": k_store, "values": v_store}
-        keys, values, eps = k_store.view(), v_store.view(), tensors["epsilons"]
+        rows = self.extend_rows(previous, {"keys": tensors["keys"], "values": tensors["values"]})
+        keys, values, eps = rows["keys"], rows["values"], tensors["epsilons"]
         if not keys.shape[0] == values.shape[0] == eps.shape[0] == len(self.spec.config.get("labels", [])):
             raise PatchError(
                 f"GRACE adapter at {self.spec.module}: {keys.shape[0]} keys, {values.shape[0]} values, "
@@ -304,18 +310,15 @@ class WiseSideMemory(AdapterWrapper):
                 f"row indices {tuple(index.shape)}, rows {tuple(rows.shape)} after extending "
                 f"{previous.spec_fingerprint if previous is not None else 'nothing'}; the patch is corrupt"
             )
-        stores = getattr(previous, "_stores", {}) if previous is not None else {}
-        self._stores = {}
-        for name in ("keys", "contrast_keys"):
-            new_keys = tensors.get(name, rows.new_zeros(0, d_in))
-            old_keys = getattr(previous, name) if previous is not None else new_keys[:0]
-            if new_keys.dim() != 2 or new_keys.shape[1] != d_in or old_keys.shape[1] != d_in:
+        new_keys = {name: tensors.get(name, rows.new_zeros(0, d_in)) for name in ("keys", "contrast_keys")}
+        for name, k in new_keys.items():
+            old = getattr(previous, name) if previous is not None else k[:0]
+            if k.dim() != 2 or k.shape[1] != d_in or old.shape[1] != d_in:
                 raise PatchError(
-                    f"WISE adapter at {self.spec.module}: {name} {tuple(new_keys.shape)} after "
-                    f"{tuple(old_keys.shape)}, expected [n, {d_in}]; the patch is corrupt"
+                    f"WISE adapter at {self.spec.module}: {name} {tuple(k.shape)} after "
+                    f"{tuple(old.shape)}, expected [n, {d_in}]; the patch is corrupt"
                 )
-            self._stores[name] = _RowStore.extend(stores.get(name), old_keys, new_keys)
-        keys = {name: store.view() for name, store in self._stores.items()}
+        keys = self.extend_rows(previous, new_keys)
         if previous is None:
             return {"delta": wise_side_delta(base, index, rows), **keys}
         # extend the replaced adapter's side memory in place: keep only the rows this patch overwrites, so a
@@ -372,13 +375,8 @@ class TPatcherNeurons(AdapterWrapper):
     kind = "tpatcher"
 
     def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
-        names = ("keys", "biases", "values")
-        if previous is None:
-            old, stores = {n: tensors[n][:0] for n in names}, {}
-        else:
-            old, stores = {n: getattr(previous, n) for n in names}, getattr(previous, "_stores", {})
-        self._stores = {n: _RowStore.extend(stores.get(n), old[n], tensors[n]) for n in names}
-        keys, biases, values = (self._stores[n].view() for n in names)
+        rows = self.extend_rows(previous, {n: tensors[n] for n in ("keys", "biases", "values")})
+        keys, biases, values = rows["keys"], rows["biases"], rows["values"]
         if not (
             keys.shape[0] == biases.shape[0] == values.shape[0]
             and biases.dim() == 1
@@ -396,9 +394,7 @@ class TPatcherNeurons(AdapterWrapper):
                 f"{tuple(keys.shape)}; the patch is corrupt"
             )
         if inputs is not None and (previous is None or previous.prompt_inputs is not None):
-            old_inputs = inputs[:0] if previous is None else previous.prompt_inputs
-            self._stores["prompt_inputs"] = _RowStore.extend(stores.get("prompt_inputs"), old_inputs, inputs)
-            inputs = self._stores["prompt_inputs"].view()
+            inputs = self.extend_rows(previous, {"prompt_inputs": inputs})["prompt_inputs"]
         else:  # a patch of the chain predates prompt_inputs
             inputs = None
         return {"keys": keys, "biases": biases, "values": values, "prompt_inputs": inputs}
