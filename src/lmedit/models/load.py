@@ -146,9 +146,10 @@ def _check_device(device: str) -> None:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r}: CUDA is not available on this machine; use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+    n_cuda = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and dev.index is not None and dev.index >= n_cuda:
         raise ModelLoadError(
-            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0.."
+            f"device {device!r}: this machine has {n_cuda} CUDA device(s); use cuda:0 to cuda:{n_cuda - 1}"
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError(f"device {device!r}: MPS is not available on this machine; use cpu")
