@@ -103,6 +103,36 @@ def test_batched_requests_are_independent(smol_tok):
     torch.testing.assert_close(both.delta[site][1], alone.delta[site][0], rtol=1e-3, atol=1e-4)
 
 
+def test_batches_are_formed_by_suffix_length_and_results_come_back_in_request_order(smol_tok):
+    """Requests given long, short, long, short are optimised in batches of similar suffix length (the two short
+    ones together: fewer padded positions than the batches as given), and each result comes back at its
+    request's index, equal to what the request gets alone."""
+    from lmedit.core.values import _suffix_len
+
+    loaded = tiny_loaded("llama", smol_tok)
+    site = loaded.arch.module_name("mlp_out", 1)
+    reqs = [
+        EditRequest("{} was, as the records of the city archive show, founded by", "Ulm Minster", " Romans"),
+        EditRequest("{} is in", "Paris", " Italy"),
+        EditRequest(
+            "{} is a famous landmark which everyone who visits the country sees, in", "Big Ben", " Oslo"
+        ),
+        EditRequest("{} speaks", "Danielle Darrieux", " English"),
+    ]
+    lens = [_suffix_len(loaded.tokenizer, r) for r in reqs]
+    assert min(lens[0], lens[2]) > max(lens[1], lens[3]), lens
+    kw = dict(steps=3, early_stop=0.0, kl_factor=0.0)
+    res = optimize_values(loaded, reqs, [site], ["{}"], batch_requests=2, **kw)
+    in_order = 2 * max(lens[1], lens[3]) + 2 * max(lens[0], lens[2])
+    as_given = 2 * max(lens[0], lens[1]) + 2 * max(lens[2], lens[3])
+    assert res.timing["positions"] == 3 * in_order < 3 * as_given
+    for i, req in enumerate(reqs):
+        alone = optimize_values(loaded, [req], [site], ["{}"], **kw)
+        torch.testing.assert_close(res.delta[site][i], alone.delta[site][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res.init[site][i], alone.init[site][0], rtol=1e-5, atol=1e-6)
+        assert res.loss[i] == pytest.approx(alone.loss[0], rel=1e-5) and res.steps[i] == alone.steps[0]
+
+
 def test_stopped_requests_leave_the_batch_and_the_others_are_unaffected(smol_tok):
     """With an early-stop loss between the two requests' losses after 3 steps, one stops by step 3 and the other
     runs on alone: only its rows (2 templates + the essence prompt) are computed from then on, and each delta is

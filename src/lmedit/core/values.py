@@ -19,8 +19,10 @@ BOS, and the prompt up to the subject's last token) runs ONCE with a key/value c
 the suffix (subject's last token + rest of prompt + target tokens) on top of a copy of that cache. Gradients
 flow only from the site's layer upward (nothing below it depends on the delta), the final norm output is taken
 with a stopping Trace (the LM head never runs on the whole sequence), and logits are computed only at target
-positions and the essence prompts' last positions. Requests are optimised together in one batch (their deltas
-are independent: the summed loss gives each its own gradient), each stopping when its loss is below
+positions and the essence prompts' last positions. Requests are optimised together in batches of
+``batch_requests`` (their deltas are independent: the summed loss gives each its own gradient), formed in order
+of suffix length, because a batch's rows are padded to its longest suffix (100 bundled requests in 16s: 4564
+positions a step in order against 6384 as given, on SmolLM2). Each request stops when its loss is below
 ``early_stop``; a stopped request's rows leave the batch (its layout rows and prefix cache entries are dropped),
 so later steps cost only what the requests still running need. The decoder layers below the lowest site see
 no delta: they run in the first pass and replay their outputs at every step (``core.forward.replay_below``).
@@ -53,7 +55,8 @@ class ValueResult:
         init: ``{site: [n_requests, d]}`` the site's original output at the plain prompt's subject token.
         loss: final loss per request; nll: final target NLL per request (mean over template prompts).
         steps: steps taken per request.
-        timing: seconds spent in the prefix pass, the optimisation steps and in total.
+        timing: seconds spent in the prefix pass, the optimisation steps and in total; ``row_steps`` and
+            ``positions`` count the rows and the suffix positions (padding included) the steps computed.
     """
 
     delta: dict[str, torch.Tensor]
@@ -139,7 +142,8 @@ def optimize_values(
         kl_position: where the essence distribution is taken: ``"last"``, its last token (the next token after
             "{subject} is a", the ROME paper's definition), or ``"subject"``, the subject's last token (where
             ROME's and MEMIT's reference code, and EasyEdit, take it).
-        batch_requests: requests optimised together.
+        batch_requests: requests optimised together (batches formed in order of suffix length; results are
+            returned in request order).
         overrides: ``{param_name: tensor}`` used instead of the model's parameters (earlier edits of a batch).
     """
     if kl_position not in ("last", "subject"):
@@ -150,8 +154,10 @@ def optimize_values(
     inits = {s: [] for s in sites}
     losses, nlls, nsteps = [], [], []
     timing = {"prefix_s": 0.0, "steps_s": 0.0, "step_count": 0}
+    # chunks of requests with similar suffix lengths: a chunk's rows are padded to its longest suffix
+    order = sorted(range(n), key=lambda i: _suffix_len(loaded.tokenizer, requests[i]))
     for b in range(0, n, batch_requests):
-        chunk = list(requests[b : b + batch_requests])
+        chunk = [requests[i] for i in order[b : b + batch_requests]]
         res = _optimize_chunk(
             loaded, chunk, sites, list(templates), steps, lr, kl_factor, weight_decay, clamp_norm_factor,
             early_stop, kl_prompt, kl_position, timing, overrides,
@@ -164,14 +170,22 @@ def optimize_values(
         nsteps += res[4]
     timing["total_s"] = time.perf_counter() - t_start
     timing["per_step_s"] = timing["steps_s"] / max(timing["step_count"], 1)
+    back = torch.tensor(order).argsort().tolist()  # chunk order -> request order
     return ValueResult(
-        {s: torch.cat(v) for s, v in deltas.items()},
-        {s: torch.cat(v) for s, v in inits.items()},
-        losses,
-        nlls,
-        nsteps,
+        {s: torch.cat(v)[back] for s, v in deltas.items()},
+        {s: torch.cat(v)[back] for s, v in inits.items()},
+        [losses[i] for i in back],
+        [nlls[i] for i in back],
+        [nsteps[i] for i in back],
         timing,
     )
+
+
+def _suffix_len(tok, request: EditRequest) -> int:
+    """Positions a request's template rows run at every step: from the subject's last token to the end of
+    prompt + target (the same under every context template, which only adds a prefix)."""
+    (row,) = _rows(tok, [request], ["{}"], None)
+    return len(row.ids) - row.subject
 
 
 def _optimize_chunk(
@@ -269,11 +283,13 @@ def _optimize_chunk(
         last_loss = torch.zeros(n_req)
         last_nll = torch.zeros(n_req)
         row_count = 0  # row-steps actually computed (the compacted batch's size summed over steps)
+        positions = 0  # suffix positions computed, padding included (rows x padded suffix length, summed)
 
         t1 = time.perf_counter()
         for step in range(steps):
             hidden = forward()
             row_count += hidden.shape[0]
+            positions += hidden.shape[0] * hidden.shape[1]
             # target and essence positions through the LM head in one product: the head's weight (262k x 640
             # on the bundled model) is read once per step and once more in the backward, not twice each
             n_tok = len(ix["t_row"])
@@ -322,6 +338,7 @@ def _optimize_chunk(
     timing["steps_s"] += time.perf_counter() - t1
     timing["step_count"] += max(steps_taken)
     timing["row_steps"] = timing.get("row_steps", 0) + row_count
+    timing["positions"] = timing.get("positions", 0) + positions
     log.info(
         "values: %d request(s), loss %s after %s steps",
         n_req,
