@@ -16,6 +16,7 @@ from lmedit.cli import main
 from lmedit.core.patch import EditPatch
 from lmedit.data.loaders import load_dataset
 from lmedit.errors import ConfigError
+from lmedit.evaluate import protocols
 from lmedit.evaluate.protocols import ScoringSettings, evaluate
 from lmedit.evaluate.report import SCHEMA, Report
 
@@ -296,6 +297,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
 
 
 def _resume_matches_uninterrupted(loaded, cases, method, config, tmp_path, monkeypatch):
+    real_score = protocols.score_cases
     settings = ScoringSettings(families=("tf", "prob"))
     run = {
         "protocol": "sequential",
@@ -316,10 +318,15 @@ def _resume_matches_uninterrupted(loaded, cases, method, config, tmp_path, monke
     assert state["steps_done"] == 2 and [p["edits"] for p in state["retention"]] == [2]
     partial = Report.load(ckpt / "report.json")
     assert partial.meta["partial"]["edits_done"] == 2 and partial.post == whole.retention[0]["metrics"]
+    assert (ckpt / "pristine.json").exists()
     with monkeypatch.context() as mp:
         _interrupt_after(mp, 2)  # the resumed run makes exactly steps 3 and 4
+        scored = []
+        mp.setattr(protocols, "score_cases", lambda *a: scored.append(1) or real_score(*a))
         resumed = evaluate(loaded, cases, method, checkpoint=ckpt, **run)
+    assert len(scored) == 1, "the resumed run reads the pristine scores; it scores only after its last step"
     assert all(torch.equal(before[n], v) for n, v in loaded.model.state_dict().items()), "model not restored"
+    assert resumed.pre == whole.pre and [r["pre"] for r in resumed.cases] == [r["pre"] for r in whole.cases]
     assert resumed.post == pytest.approx(whole.post)
     assert [p["edits"] for p in resumed.retention] == [2, 4]
     assert resumed.retention[0]["metrics"] == whole.retention[0]["metrics"]

@@ -8,6 +8,9 @@ Lifelong runs take hours (1000 ROME edits on the bundled model: about 5 CPU-hour
   their square);
 - ``state.json``: what identifies the run (method, k, eval_every, overrides, scoring, case ids), the number of
   steps done, the per-step edit records, the retention curve and the time spent so far;
+- ``pristine.json``: the pristine model's scores of every case and its held-out perplexity (written with the
+  first checkpoint): a resumed run reads its pre-edit reference from there instead of scoring the unedited
+  model again (1000 cases on the bundled model: about 15 minutes on one core);
 - ``report.json``: a partial report (``meta.partial``) whose ``post`` is the latest checkpoint's scores, readable
   by ``lmedit bench --compare`` and ``benchmarks/lifelong.py`` while the run goes on; the full report once the
   run has finished (started again then, the run re-applies everything and only evaluates again).
@@ -31,6 +34,7 @@ from lmedit.core.patch import EditPatch
 from lmedit.errors import ConfigError
 
 STATE_FILE = "state.json"
+PRISTINE_FILE = "pristine.json"
 FORMAT = "lmedit.checkpoint/1"
 
 
@@ -63,19 +67,17 @@ class RunCheckpoint:
         self.identity = _jsonable(identity)
         self._saved = 0  # patches of the session history already in patches/
         self._full: int | None = None  # the saved patch that still carries its extras
+        self._pristine: dict | None = None  # the pre-edit reference, written with the first save
 
-    def _patch_dir(self, index: int) -> Path:
-        return self.path / "patches" / f"{index:06d}"
-
-    def resume(self, session) -> Resumed | None:
-        """Re-apply the saved patches to ``session`` and return the run so far (None: nothing saved yet).
+    def _state(self) -> dict | None:
+        """The saved state (None: nothing saved yet), checked to belong to this run.
 
         Raises:
             ConfigError: the folder holds another run's checkpoint, or is not a checkpoint folder.
         """
         state_path = self.path / STATE_FILE
         if not state_path.exists():
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(p.name != PRISTINE_FILE for p in self.path.iterdir()):
                 raise ConfigError(
                     f"checkpoint: {self.path} exists, is not empty and has no {STATE_FILE}; "
                     "give an empty or new folder"
@@ -94,6 +96,36 @@ class RunCheckpoint:
                     f"checkpoint: {self.path} belongs to another run - field {key!r} is {shown['there']} there "
                     f"and {shown['here']} here; resume with the same settings or give another checkpoint folder"
                 )
+        return state
+
+    def pristine(self) -> dict | None:
+        """The pre-edit reference saved with this run's first checkpoint (``{"scores": [...], "perplexity":
+        float | None}``), or None (nothing saved yet, or a checkpoint written before this file existed).
+
+        Raises:
+            ConfigError: as ``resume``.
+        """
+        path = self.path / PRISTINE_FILE
+        if self._state() is None or not path.exists():
+            return None
+        return json.loads(path.read_text())
+
+    def keep_pristine(self, data: dict) -> None:
+        """Write ``data`` (the pre-edit reference) with the next save, unless the folder has it already."""
+        self._pristine = data
+
+    def _patch_dir(self, index: int) -> Path:
+        return self.path / "patches" / f"{index:06d}"
+
+    def resume(self, session) -> Resumed | None:
+        """Re-apply the saved patches to ``session`` and return the run so far (None: nothing saved yet).
+
+        Raises:
+            ConfigError: the folder holds another run's checkpoint, or is not a checkpoint folder.
+        """
+        state = self._state()
+        if state is None:
+            return None
         done = state["steps_done"]
         for i in range(done):
             session.apply(EditPatch.load(self._patch_dir(i)))
@@ -121,6 +153,10 @@ class RunCheckpoint:
                 self._patch_dir(i)
             )
         self._saved = steps_done
+        if self._pristine is not None and not (self.path / PRISTINE_FILE).exists():
+            tmp = self.path / (PRISTINE_FILE + ".tmp")
+            tmp.write_text(json.dumps(self._pristine))
+            tmp.replace(self.path / PRISTINE_FILE)
         report.save(self.path / "report.json")
         state = {
             "format": FORMAT,

@@ -94,6 +94,18 @@ class CaseScores:
     gen_text: dict[str, list[str]] = field(default_factory=dict)
     text: list[str] = field(default_factory=list)  # prompt + continuation, for fluency / consistency
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CaseScores:
+        def pairs(d: dict) -> dict[str, list]:
+            return {k: [None if x is None else PairScore(**x) for x in v] for k, v in d.items()}
+
+        return cls(
+            pairs(data["answer"]), pairs(data["compare"]), data["gen_ids"], data["gen_text"], data["text"]
+        )
+
 
 def _gen_len(answer_tokens: int, slack: int) -> int:
     return max(4, 1 << math.ceil(math.log2(answer_tokens + slack)))
@@ -330,13 +342,45 @@ def evaluate(
     refs = [t for c in cases for t in c.reference_texts]
     idf = M.idf_table(refs) if refs else {}
 
+    ckpt = None
+    if checkpoint is not None:
+        from lmedit.evaluate.checkpoint import RunCheckpoint
+
+        identity = {
+            "method": method,
+            "protocol": protocol,
+            "k": k,
+            "eval_every": eval_every,
+            "config_overrides": overrides,
+            "scoring": asdict(settings),
+            "perplexity": held_out.describe() if held_out is not None else None,
+            "model": loaded.name,
+            "case_ids": [c.case_id for c in cases],
+        }
+        ckpt = RunCheckpoint(checkpoint, identity)
+
     t0 = time.perf_counter()
-    if progress:
-        tqdm.write(f"scoring {len(cases)} cases on the pristine model (the frozen pre-edit reference) ...")
-    pre_scores = score_cases(loaded, cases, settings)
+    kept = (
+        ckpt.pristine() if ckpt is not None else None
+    )  # a resumed run's reference, saved at its first checkpoint
+    if kept is not None:
+        pre_scores = [CaseScores.from_json(x) for x in kept["scores"]]
+    else:
+        if progress:
+            tqdm.write(
+                f"scoring {len(cases)} cases on the pristine model (the frozen pre-edit reference) ..."
+            )
+        pre_scores = score_cases(loaded, cases, settings)
     timings["pre_s"] = time.perf_counter() - t0
     pre_metrics = [case_metrics(c, s, s, settings, idf) for c, s in zip(cases, pre_scores)]
-    perplexity = held_out.describe() | {"pre": held_out.perplexity(loaded)} if held_out is not None else None
+    perplexity = None
+    if held_out is not None:
+        pre_ppl = kept["perplexity"] if kept is not None else held_out.perplexity(loaded)
+        perplexity = held_out.describe() | {"pre": pre_ppl}
+    if ckpt is not None and kept is None:
+        ckpt.keep_pristine(
+            {"scores": [x.to_json() for x in pre_scores], "perplexity": perplexity and perplexity["pre"]}
+        )
 
     post_scores: list[CaseScores | None] = [None] * len(cases)
     edit_info: list[dict] = []
@@ -373,27 +417,12 @@ def evaluate(
             meta["perplexity"] = perplexity
         return meta | (run_meta or {})
 
-    ckpt = None
     history: list = []
     try:
         start = 0
         patch = None
         done = 0
-        if checkpoint is not None:
-            from lmedit.evaluate.checkpoint import RunCheckpoint
-
-            identity = {
-                "method": method,
-                "protocol": protocol,
-                "k": k,
-                "eval_every": eval_every,
-                "config_overrides": overrides,
-                "scoring": asdict(settings),
-                "perplexity": held_out.describe() if held_out is not None else None,
-                "model": loaded.name,
-                "case_ids": [c.case_id for c in cases],
-            }
-            ckpt = RunCheckpoint(checkpoint, identity)
+        if ckpt is not None:
             resumed = ckpt.resume(session)
             if resumed is not None:
                 done, patch = resumed.steps_done, resumed.previous
