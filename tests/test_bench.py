@@ -175,10 +175,21 @@ def test_sequential_checkpoints_every_m_steps(tiny, dataset_file, tmp_path, caps
     assert png.read_bytes()[:4] == b"\x89PNG" and "retention curves written" in capsys.readouterr().out
     single = evaluate(tiny, load_dataset(str(dataset_file), n=1), "ft-m", config=FAST, progress=False,
                       settings=ScoringSettings(families=("tf",)))  # fmt: skip
-    with pytest.raises(ValueError, match="retention curve"):
-        from lmedit.evaluate.plots import retention_compare
+    from lmedit.evaluate.plots import perplexity_points, retention_compare
 
+    with pytest.raises(ValueError, match="retention curve"):
         retention_compare([single], ["x"], tmp_path / "none.png")
+    # a run measured with held-out text gets a perplexity panel: the unedited model at 0, then each checkpoint
+    assert perplexity_points(report) == []
+    measured = dataclasses.replace(
+        report,
+        meta=report.meta | {"perplexity": {"pre": 80.0}},
+        retention=[p | {"perplexity": 80.0 + p["edits"]} for p in report.retention],
+    )
+    assert perplexity_points(measured) == [(0, 80.0), (3, 83.0), (4, 84.0)]
+    assert (
+        retention_compare([report, measured], ["a", "b"], tmp_path / "ppl.png").read_bytes()[:4] == b"\x89PNG"
+    )
 
 
 def test_cli_compare(tiny, dataset_file, tmp_path, capsys):

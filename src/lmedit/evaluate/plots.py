@@ -66,13 +66,22 @@ def retention_plot(report: Report, path: str | os.PathLike, keys: tuple[str, ...
     return Path(path)
 
 
+def perplexity_points(report: Report) -> list[tuple[int, float]]:
+    """(edits applied, held-out perplexity) along a sequential run measured with held-out text: the unedited
+    model at 0, then every retention checkpoint (empty without ``--perplexity``)."""
+    pts = [(p["edits"], p["perplexity"]) for p in report.retention if p.get("perplexity") is not None]
+    pre = (report.meta.get("perplexity") or {}).get("pre")
+    return [(0, pre)] + pts if pts and pre is not None else pts
+
+
 def retention_compare(
     reports: list[Report],
     labels: list[str],
     path: str | os.PathLike,
     keys: tuple[str, ...] = ("reliability_tf", "generalization_tf", "locality_tf"),
 ) -> Path:
-    """The retention curves of several sequential runs in one figure: one panel per metric, one line per run.
+    """The retention curves of several sequential runs in one figure: one panel per metric, one line per run,
+    and a last panel of held-out perplexity (log scale) when any run measured it.
 
     Raises:
         ValueError: if no report has a retention curve.
@@ -84,7 +93,9 @@ def retention_compare(
         raise ValueError(
             "none of the reports has a retention curve (lmedit bench --protocol sequential --eval-every M)"
         )
-    with _figure(path, len(keys), (4.2 * len(keys), 3.6)) as axes:
+    ppl = [(perplexity_points(r), name) for r, name in runs]
+    panels = len(keys) + any(pts for pts, _ in ppl)
+    with _figure(path, panels, (4.2 * panels, 3.6)) as axes:
         for ax, key in zip(axes, keys):
             for report, name in runs:
                 pts = [(p["edits"], p["metrics"].get(key)) for p in report.retention]
@@ -95,6 +106,20 @@ def retention_compare(
             ax.set_xlabel("edits applied")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
+        if panels > len(keys):
+            ax = axes[-1]
+            for pts, name in ppl:
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            ax.set_yscale("log")
+            from matplotlib.ticker import FuncFormatter
+
+            plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 90, 100, 200 rather than 9 x 10^1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.set_title("held-out perplexity (lower is better)", fontsize=9)
+            ax.set_xlabel("edits applied")
+            ax.grid(alpha=0.3, which="both")
         axes[0].set_ylabel("score (cases edited so far)")
         axes[-1].legend(fontsize=7)
     return Path(path)
