@@ -205,6 +205,33 @@ def test_templates_are_recorded_and_deterministic(smol_tok, stats_env):
         lmedit.edit(loaded, REQS[0], method="rome", layer=1, n_templates=12, **stats_env)
 
 
+def test_generated_and_sampled_templates_are_deterministic_and_recorded(smol_tok, stats_env):
+    """template_source='generated' decodes greedily, 'sampled' samples the top 5 with the method's seed (the same
+    seed gives the same templates, another seed others; the global random state is left alone); either way the
+    patch records the templates it used."""
+    from lmedit.core.keys import TEMPLATE_STARTS, generate_templates
+
+    loaded = tiny_loaded("llama", smol_tok)
+    greedy = generate_templates(loaded, n=7)
+    assert greedy == generate_templates(loaded, n=7) and len(greedy) == 8 and greedy[0] == "{}"
+    assert greedy[6].startswith("The the") and all(t.endswith(". {}") for t in greedy[1:])
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    s0 = generate_templates(loaded, n=10, sample_seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state), "sampling must not move the global random state"
+    assert (
+        s0
+        == generate_templates(loaded, n=10, sample_seed=0)
+        != generate_templates(loaded, n=10, sample_seed=1)
+    )
+    assert all(t.startswith(TEMPLATE_STARTS[i % 5]) for i, t in enumerate(s0[1:])), s0
+    assert s0[1:] != greedy[1:]  # top-5 sampling on a random model: 10 x 10 tokens all greedy is implausible
+    patch = lmedit.edit(
+        loaded, REQS[0], method="memit", layers=[1], v_steps=1, template_source="sampled", seed=1, **stats_env
+    )
+    assert patch.config["context_templates"] == generate_templates(loaded, n=5, sample_seed=1)
+
+
 # ------------------------------------------------------------------------------------------------ real
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -57,25 +57,32 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 
 
 def generate_templates(
-    loaded, n: int = 10, length: int = 10, starts: Sequence[str] = TEMPLATE_STARTS
+    loaded,
+    n: int = 10,
+    length: int = 10,
+    starts: Sequence[str] = TEMPLATE_STARTS,
+    sample_seed: int | None = None,
+    top_k: int = 5,
 ) -> list[str]:
-    """``["{}"]`` plus ``n`` prefixes decoded greedily from ``starts`` (``length`` new tokens each; deterministic).
+    """``["{}"]`` plus ``n`` prefixes generated from ``starts`` (``length`` new tokens each; deterministic).
 
-    Greedy decoding gives one continuation per start word, so ``n`` is spread over starts extended with
-    ``" the"``, ``" a"`` ... until enough distinct prefixes exist.
+    Greedy (``sample_seed=None``): one continuation per start word, so ``n`` is spread over starts extended with
+    ``" the"``, ``" a"`` ... until enough distinct prefixes exist. Sampled (``sample_seed`` an int): the start
+    words in turn, each continued by sampling from the ``top_k`` most likely tokens with that seed, as ROME's and
+    MEMIT's reference code draw their context templates (5 per start there, top-k 5, 10 tokens).
     """
-    from lmedit.evaluate.scoring import greedy_generate
+    from lmedit.evaluate.scoring import generate_ids
 
     seeds: list[str] = []
-    extra = ("", " the", " a", " it", " we", " this")
-    for e in extra:
-        for s in starts:
-            seeds.append(s + e)
-            if len(seeds) >= n:
-                break
-        if len(seeds) >= n:
-            break
-    conts = greedy_generate(loaded, seeds, max_new_tokens=length)
+    if sample_seed is not None:
+        seeds = [starts[i % len(starts)] for i in range(n)]
+    else:
+        for e in ("", " the", " a", " it", " we", " this"):
+            seeds += [s + e for s in starts]
+        seeds = seeds[:n]
+    ids = generate_ids(loaded, seeds, max_new_tokens=length, top_k=None if sample_seed is None else top_k,
+                       seed=sample_seed or 0)  # fmt: skip
+    conts = loaded.tokenizer.batch_decode(ids, skip_special_tokens=True)
     out = ["{}"]
     for s, c in zip(seeds, conts):
         text = (s + c).replace("{", " ").replace("}", " ").replace("\n", " ").strip()

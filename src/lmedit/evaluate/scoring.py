@@ -23,6 +23,7 @@ an IKE patch): a prefix may be prepended, whose tokens are never scored and neve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -183,11 +184,18 @@ def score_pairs(
 
 @torch.no_grad()
 def generate_ids(
-    loaded, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 16
+    loaded,
+    prompts: Sequence[str],
+    max_new_tokens: int = 20,
+    batch_size: int = 16,
+    top_k: int | None = None,
+    seed: int = 0,
 ) -> list[list[int]]:
     """Greedy continuation token ids (left-padded batches, prompts sorted by length; input order kept).
 
-    Generation stops at ``max_new_tokens`` or EOS (ids after EOS are dropped).
+    Generation stops at ``max_new_tokens`` or EOS (ids after EOS are dropped). With ``top_k``, tokens are
+    sampled from the ``top_k`` most likely instead, from a random state seeded with ``seed`` (the global one is
+    left as it was): the same seed gives the same continuations.
     """
     model, tok = loaded
     device = loaded.device
@@ -195,21 +203,26 @@ def generate_ids(
     order = _order(prompts)
     eos = tok.eos_token_id
     out: list[list[int] | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = tokens.left_padded(tok, [prompts[i] for i in idx])
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            do_sample=False,
-            pad_token_id=tokens.pad_id(tok),
-        )
-        for i, row in zip(idx, gen[:, ids.shape[1] :].cpu().tolist()):
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            out[i] = row
+    sampling = {"do_sample": False} if top_k is None else {"do_sample": True, "top_k": top_k}
+    rng = torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
+    with rng if top_k is not None else contextlib.nullcontext():
+        if top_k is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = tokens.left_padded(tok, [prompts[i] for i in idx])
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0,
+                pad_token_id=tokens.pad_id(tok),
+                **sampling,
+            )
+            for i, row in zip(idx, gen[:, ids.shape[1] :].cpu().tolist()):
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                out[i] = row
     return out  # type: ignore[return-value]
 
 

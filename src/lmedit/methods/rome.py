@@ -59,17 +59,19 @@ class LocateEditConfig(MethodConfig):
         None,
         "Context templates ending in '{}' over which keys and the value loss are averaged. None: n_templates "
         "of the bundled fixed list ('{}' + 10 neutral prefixes), or generated ones when "
-        "template_source='generated'.",
+        "template_source='generated' or 'sampled'.",
     )
-    template_source: Literal["fixed", "generated"] = hp(
+    template_source: Literal["fixed", "generated", "sampled"] = hp(
         "fixed",
-        "fixed: bundled templates; generated: greedy continuations of 'The', 'Therefore', ... (recorded).",
+        "fixed: bundled templates; generated: greedy continuations of 'The', 'Therefore', ...; sampled: "
+        "continuations of those words sampled from the model's top 5 tokens with the method's seed, as the "
+        "reference code's templates (10 tokens each; the templates used are recorded in the patch).",
     )
     n_templates: int = hp(
         len(DEFAULT_TEMPLATES),
         f"Templates used when context_templates is None: the plain prompt '{{}}' and the first n_templates - 1 "
-        f"prefixes (fixed: at most {len(DEFAULT_TEMPLATES)}; generated: n_templates - 1 continuations). Each "
-        f"is a row of every value-optimisation step, so the edit's cost grows with it.",
+        f"prefixes (fixed: at most {len(DEFAULT_TEMPLATES)}; generated, sampled: n_templates - 1 "
+        f"continuations). Each is a row of every value-optimisation step, so the edit's cost grows with it.",
     )
     v_steps: int = hp(25, "Adam steps of the value (delta) optimisation.")
     v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
@@ -115,8 +117,11 @@ class LocateEditConfig(MethodConfig):
         """The context templates to use (resolved once per edit and recorded in the patch)."""
         if self.context_templates is not None:
             return check_templates(self.context_templates)
-        if self.template_source == "generated":
-            return generate_templates(loaded, n=self.n_templates - 1) if self.n_templates > 1 else ["{}"]
+        if self.template_source in ("generated", "sampled") and self.n_templates > 1:
+            seed = self.seed if self.template_source == "sampled" else None
+            return generate_templates(loaded, n=self.n_templates - 1, sample_seed=seed)
+        if self.template_source != "fixed":
+            return ["{}"]
         return list(DEFAULT_TEMPLATES[: self.n_templates])
 
     def value_kwargs(self) -> dict:
