@@ -18,7 +18,8 @@ process, then each peer as a child process with its own virtualenv (``benchmarks
   (lmedit's default weight decay is ROME's 0.5: the loss then rarely falls below the early-stop 0.05);
 - protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch;
 - context templates: lmedit's defaults (ROME 11, MEMIT 6: ``n_templates``; ``--templates N`` gives both the plain
-  prompt and the first N-1); EasyEdit's MEMIT generates 1 + 5 and its ROME 1 + 20.
+  prompt and the first N-1; ``--template-source sampled`` samples them from the model as EasyEdit does); EasyEdit's
+  MEMIT generates 1 + 5 and its ROME 1 + 20.
 
 Reported per system: edit wall seconds per request (ROME median; MEMIT the batch / n), statistics seconds for the
 MEMIT layers, the process's peak RSS, and teacher-forced token accuracies (lmedit's reliability_tf /
@@ -260,6 +261,13 @@ def main() -> int:
         help="lmedit's context templates: the plain prompt and the first N-1 bundled ones (default: each "
         "method's n_templates, ROME 11, MEMIT 6; EasyEdit's MEMIT generates 1 + 5, its ROME 1 + 20)",
     )
+    ap.add_argument(
+        "--template-source",
+        choices=("fixed", "generated", "sampled"),
+        default="fixed",
+        help="lmedit's templates: the bundled fixed ones, greedy or seeded top-5 sampled continuations (as "
+        "EasyEdit's MEMIT); with --templates N, N templates of that source",
+    )
     ap.add_argument("--peers", default="easyedit,fastedit", help="comma list, '' for lmedit only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="result JSON (peer logs go beside it)")
@@ -293,7 +301,11 @@ def main() -> int:
         stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens, stats_seq_len=args.stats_seq_len,
         v_steps=25, v_lr=0.5, kl_factor=0.0625, clamp_norm_factor=4.0, v_weight_decay=1e-3,
     )  # fmt: skip
-    if args.templates is not None:
+    if args.template_source != "fixed":
+        common["template_source"] = args.template_source
+        if args.templates is not None:
+            common["n_templates"] = args.templates
+    elif args.templates is not None:
         from lmedit.core.keys import DEFAULT_TEMPLATES
 
         if not 1 <= args.templates <= len(DEFAULT_TEMPLATES):
