@@ -18,7 +18,7 @@ process, then each peer as a child process with its own virtualenv (``benchmarks
   (lmedit's default weight decay is ROME's 0.5: the loss then rarely falls below the early-stop 0.05);
 - protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch;
 - context templates: lmedit's defaults (ROME 11, MEMIT 6: ``n_templates``; ``--templates N`` gives both the plain
-  prompt and the first N-1; ``--template-source sampled`` samples them from the model as EasyEdit does); EasyEdit's
+  prompt and the first N-1; ``--template-source sampled`` samples them from the model with top-k 5, as EasyEdit's MEMIT does); EasyEdit's
   MEMIT generates 1 + 5 and its ROME 1 + 20.
 
 Reported per system: edit wall seconds per request (ROME median; MEMIT the batch / n), statistics seconds for the
@@ -265,8 +265,8 @@ def main() -> int:
         "--template-source",
         choices=("fixed", "generated", "sampled"),
         default="fixed",
-        help="lmedit's templates: the bundled fixed ones, greedy or seeded top-5 sampled continuations (as "
-        "EasyEdit's MEMIT); with --templates N, N templates of that source",
+        help="lmedit's templates: the bundled fixed ones, greedy or seeded top-5 sampled continuations (the "
+        "latter drawn as EasyEdit's MEMIT draws its own); with --templates N, N templates of that source",
     )
     ap.add_argument("--peers", default="easyedit,fastedit", help="comma list, '' for lmedit only")
     ap.add_argument("--threads", type=int, default=1)

@@ -366,6 +366,66 @@ def test_sequential_checkpoint_resumes_to_the_uninterrupted_result(tiny, dataset
         evaluate(tiny, cases, "ft-m", "sequential", config=FAST, checkpoint=tmp_path / "new", progress=False)
 
 
+def test_checkpoint_pristine_reference_is_read_back_checked_and_written_again(
+    tiny, dataset_file, tmp_path, monkeypatch
+):
+    """A resumed run reads the unedited model's scores and held-out perplexity from pristine.json; a folder
+    without the file (written before it existed) or whose unedited model had another fingerprint scores the
+    unedited model again and writes the file with the next save."""
+    import shutil
+
+    class HeldOut:
+        calls = 0
+
+        def describe(self):
+            return {"source": "stub"}
+
+        def perplexity(self, _loaded):
+            HeldOut.calls += 1
+            return 50.0 + HeldOut.calls
+
+    real_score = protocols.score_cases
+    cases = load_dataset(str(dataset_file)).cases
+    run = {
+        "protocol": "sequential",
+        "eval_every": 2,
+        "config": FAST,
+        "progress": False,
+        "held_out": HeldOut(),
+    }
+    run["settings"] = ScoringSettings(families=("tf",))
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as mp:
+        _interrupt_after(mp, 3)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(tiny, cases, "ft-m", checkpoint=ckpt, **run)
+    saved = json.loads((ckpt / "pristine.json").read_text())
+    assert (
+        HeldOut.calls == 2 and saved["perplexity"] == 51.0
+    )  # the unedited model, then the step-2 checkpoint
+    for name in ("old", "other"):
+        shutil.copytree(ckpt, tmp_path / name)
+    (tmp_path / "old" / "pristine.json").unlink()
+    other = dict(saved, model="0" * 16)
+    (tmp_path / "other" / "pristine.json").write_text(json.dumps(other))
+
+    def resume(folder):
+        scored, before = [], HeldOut.calls
+        with monkeypatch.context() as mp:
+            mp.setattr(protocols, "score_cases", lambda *a: scored.append(1) or real_score(*a))
+            report = evaluate(tiny, cases, "ft-m", checkpoint=folder, **run)
+        return report, len(scored), HeldOut.calls - before
+
+    report, scored, measured = resume(ckpt)
+    assert (scored, measured) == (1, 1), "only the finished run is scored and measured"
+    assert report.meta["perplexity"]["pre"] == 51.0 and report.meta["timings"]["pre_s"] > 0
+    for name in ("old", "other"):
+        report, scored, measured = resume(tmp_path / name)
+        assert (scored, measured) == (2, 2), f"{name}: the unedited model is scored and measured again"
+        assert json.loads((tmp_path / name / "pristine.json").read_text())["model"] == saved["model"]
+        assert report.meta["perplexity"]["pre"] == 50.0 + HeldOut.calls - 1  # measured again, before the post
+
+
 def test_checkpoint_carries_alphaedit_state_in_the_newest_patch_only(
     smol_tok, stats_env, dataset_file, tmp_path, monkeypatch
 ):

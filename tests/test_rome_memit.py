@@ -225,7 +225,7 @@ def test_generated_and_sampled_templates_are_deterministic_and_recorded(smol_tok
         != generate_templates(loaded, n=10, sample_seed=1)
     )
     assert all(t.startswith(TEMPLATE_STARTS[i % 5]) for i, t in enumerate(s0[1:])), s0
-    assert s0[1:] != greedy[1:]  # top-5 sampling on a random model: 10 x 10 tokens all greedy is implausible
+    assert s0[1:6] != greedy[1:6]  # the same five start words; top-5 sampling giving all 50 greedy tokens: no
     patch = lmedit.edit(
         loaded, REQS[0], method="memit", layers=[1], v_steps=1, template_source="sampled", seed=1, **stats_env
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from lmedit.config import build_config
-from lmedit.core.forward import frozen
+from lmedit.core.forward import frozen, seeded
 from lmedit.core.patch import EditPatch
 from lmedit.models.load import LoadedModel, load_model
 from lmedit.registry import get_method
@@ -41,6 +39,5 @@ def edit(model: Any, requests: EditRequest | dict | list, method: str = "ft-m", 
     keys = (loaded.name, getattr(loaded.model.config, "model_type", None))
     cfg = build_config(info.config_cls, info.presets, config, model_keys=keys)
     log.info("editing %d request(s) with %s on %s", len(reqs), info.name, loaded.name)
-    with frozen(loaded.model), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with frozen(loaded.model), seeded(cfg.seed, loaded.device):
         return info.fn(loaded, reqs, cfg)

@@ -48,6 +48,21 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None]:
+    """Inside the block, torch's CPU random generator and that of ``device`` (when it is a CUDA device) start
+    from ``seed``; after it both are as they were, and no other device's generator is touched (unlike
+    ``torch.manual_seed``, which seeds every device and keeps nothing)."""
+    dev = torch.device(device if device is not None else "cpu")
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 class Replay:
     """What ``replay_below`` recorded; ``select(rows)`` keeps only some rows of the batch for later passes."""
 

@@ -11,7 +11,9 @@ where the update's direction is computed and where its magnitude is fixed; the o
 averaged key with the plain prompt's key, which blows up sequential edits. ``KeySet`` carries both.
 
 The templates are deterministic: a fixed bundled list (``DEFAULT_TEMPLATES``), or ``generate_templates`` which
-decodes greedily from the model itself (no sampling); whichever is used is recorded in the patch config.
+decodes from the model itself, greedily or by top-k sampling with a seed; whichever is used is recorded in the
+patch config. Generated templates come from the model as it is when the edit is made (in a sequential run, the
+model with the earlier edits), where the reference code draws them once per process.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def generate_templates(
 
     Greedy (``sample_seed=None``): one continuation per start word, so ``n`` is spread over starts extended with
     ``" the"``, ``" a"`` ... until enough distinct prefixes exist. Sampled (``sample_seed`` an int): the start
-    words in turn, each continued by sampling from the ``top_k`` most likely tokens with that seed, as ROME's and
-    MEMIT's reference code draw their context templates (5 per start there, top-k 5, 10 tokens).
+    words in turn, each continued by sampling from the ``top_k`` most likely tokens with that seed, as MEMIT's
+    reference code (and EasyEdit's MEMIT) draws its context templates: one per start word, top-k 5, 10 tokens
+    including the start word there, ``length`` tokens after it here. (ROME's reference samples 20 continuations
+    of an empty prompt, of 5 and 10 tokens.)
     """
     from lmedit.evaluate.scoring import generate_ids
 

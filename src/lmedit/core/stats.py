@@ -135,6 +135,17 @@ def layer_fingerprints(loaded, layers: Sequence[int]) -> dict[int, str]:
     return out
 
 
+def model_fingerprint(loaded) -> str:
+    """Fingerprint of the whole model (config, every parameter's digest as in ``layer_fingerprints``, device
+    type), 16 hex digits: what a saved evaluation of the unedited model is checked against."""
+    model = loaded.model
+    config = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else ""
+    h = hashlib.sha256(f"{config}|{torch.device(loaded.device).type}|".encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode() + _tensor_digest(p))
+    return h.hexdigest()[:16]
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[-60:]
 

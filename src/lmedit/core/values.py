@@ -21,8 +21,8 @@ flow only from the site's layer upward (nothing below it depends on the delta), 
 with a stopping Trace (the LM head never runs on the whole sequence), and logits are computed only at target
 positions and the essence prompts' last positions. Requests are optimised together in batches of
 ``batch_requests`` (their deltas are independent: the summed loss gives each its own gradient), formed in order
-of suffix length, because a batch's rows are padded to its longest suffix (100 bundled requests in 16s: 4564
-positions a step in order against 6384 as given, on SmolLM2). Each request stops when its loss is below
+of suffix length, because a batch's rows are padded to its longest suffix (100 bundled requests in batches of
+16: 4564 positions a step in order against 6384 as given, on SmolLM2). Each request stops when its loss is below
 ``early_stop``; a stopped request's rows leave the batch (its layout rows and prefix cache entries are dropped),
 so later steps cost only what the requests still running need. The decoder layers below the lowest site see
 no delta: they run in the first pass and replay their outputs at every step (``core.forward.replay_below``).

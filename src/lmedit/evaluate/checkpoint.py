@@ -8,9 +8,9 @@ Lifelong runs take hours (1000 ROME edits on the bundled model: about 5 CPU-hour
   their square);
 - ``state.json``: what identifies the run (method, k, eval_every, overrides, scoring, case ids), the number of
   steps done, the per-step edit records, the retention curve and the time spent so far;
-- ``pristine.json``: the pristine model's scores of every case and its held-out perplexity (written with the
-  first checkpoint): a resumed run reads its pre-edit reference from there instead of scoring the unedited
-  model again (1000 cases on the bundled model: 134 s on one thread, plus the held-out perplexity);
+- ``pristine.json``: the pristine model's scores of every case and its held-out perplexity, with the model's
+  fingerprint (written with the first checkpoint): a resumed run whose unedited model has that fingerprint reads
+  its pre-edit reference from there instead of scoring the unedited model again (1000 cases on the bundled model: 134 s on one thread, plus the held-out perplexity);
 - ``report.json``: a partial report (``meta.partial``) whose ``post`` is the latest checkpoint's scores, readable
   by ``lmedit bench --compare`` and ``benchmarks/lifelong.py`` while the run goes on; the full report once the
   run has finished (started again then, the run re-applies everything and only evaluates again).
@@ -77,7 +77,7 @@ class RunCheckpoint:
         """
         state_path = self.path / STATE_FILE
         if not state_path.exists():
-            if self.path.exists() and any(p.name != PRISTINE_FILE for p in self.path.iterdir()):
+            if self.path.exists() and any(self.path.iterdir()):
                 raise ConfigError(
                     f"checkpoint: {self.path} exists, is not empty and has no {STATE_FILE}; "
                     "give an empty or new folder"
@@ -99,8 +99,9 @@ class RunCheckpoint:
         return state
 
     def pristine(self) -> dict | None:
-        """The pre-edit reference saved with this run's first checkpoint (``{"scores": [...], "perplexity":
-        float | None}``), or None (nothing saved yet, or a checkpoint written before this file existed).
+        """The pre-edit reference saved with this run's first checkpoint (``{"model": fingerprint, "scores":
+        [...], "perplexity": float | None}``), or None (nothing saved yet, or a checkpoint written before this
+        file existed).
 
         Raises:
             ConfigError: as ``resume``.
@@ -111,7 +112,7 @@ class RunCheckpoint:
         return json.loads(path.read_text())
 
     def keep_pristine(self, data: dict) -> None:
-        """Write ``data`` (the pre-edit reference) with the next save, unless the folder has it already."""
+        """Write ``data`` (the pre-edit reference) with the next save (replacing what the folder has)."""
         self._pristine = data
 
     def _patch_dir(self, index: int) -> Path:
@@ -153,10 +154,11 @@ class RunCheckpoint:
                 self._patch_dir(i)
             )
         self._saved = steps_done
-        if self._pristine is not None and not (self.path / PRISTINE_FILE).exists():
+        if self._pristine is not None:
             tmp = self.path / (PRISTINE_FILE + ".tmp")
             tmp.write_text(json.dumps(self._pristine))
             tmp.replace(self.path / PRISTINE_FILE)
+            self._pristine = None
         report.save(self.path / "report.json")
         state = {
             "format": FORMAT,

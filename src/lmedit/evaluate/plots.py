@@ -112,14 +112,14 @@ def retention_compare(
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=name)
             ax.set_yscale("log")
-            from matplotlib.ticker import FuncFormatter
+            from matplotlib.ticker import LogFormatter
 
-            plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 90, 100, 200 rather than 9 x 10^1
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            # plain numbers (90, 100, 200 rather than 9 x 10^1); minor ticks labelled as far as the span allows
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.set_title("held-out perplexity (lower is better)", fontsize=9)
             ax.set_xlabel("edits applied")
             ax.grid(alpha=0.3, which="both")
         axes[0].set_ylabel("score (cases edited so far)")
-        axes[-1].legend(fontsize=7)
+        axes[len(keys) - 1].legend(fontsize=7)  # a score panel: every run has a line there
     return Path(path)

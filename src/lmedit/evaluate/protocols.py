@@ -43,6 +43,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmedit.core.stats import model_fingerprint
 from lmedit.data.loaders import Dataset, EvalCase
 from lmedit.evaluate import metrics as M
 from lmedit.evaluate.report import Report
@@ -103,7 +104,11 @@ class CaseScores:
             return {k: [None if x is None else PairScore(**x) for x in v] for k, v in d.items()}
 
         return cls(
-            pairs(data["answer"]), pairs(data["compare"]), data["gen_ids"], data["gen_text"], data["text"]
+            answer=pairs(data["answer"]),
+            compare=pairs(data["compare"]),
+            gen_ids=data["gen_ids"],
+            gen_text=data["gen_text"],
+            text=data["text"],
         )
 
 
@@ -360,9 +365,12 @@ def evaluate(
         ckpt = RunCheckpoint(checkpoint, identity)
 
     t0 = time.perf_counter()
-    kept = (
-        ckpt.pristine() if ckpt is not None else None
-    )  # a resumed run's reference, saved at its first checkpoint
+    # a resumed run's pre-edit reference, saved with its first checkpoint (used if the model is the same)
+    kept = ckpt.pristine() if ckpt is not None else None
+    fp = model_fingerprint(loaded) if ckpt is not None else None
+    if kept is not None and kept.get("model") != fp:
+        log.warning("checkpoint: the saved pre-edit scores are of another model (fingerprint); scoring again")
+        kept = None
     if kept is not None:
         pre_scores = [CaseScores.from_json(x) for x in kept["scores"]]
     else:
@@ -379,7 +387,11 @@ def evaluate(
         perplexity = held_out.describe() | {"pre": pre_ppl}
     if ckpt is not None and kept is None:
         ckpt.keep_pristine(
-            {"scores": [x.to_json() for x in pre_scores], "perplexity": perplexity and perplexity["pre"]}
+            {
+                "model": fp,
+                "scores": [x.to_json() for x in pre_scores],
+                "perplexity": perplexity and perplexity["pre"],
+            }
         )
 
     post_scores: list[CaseScores | None] = [None] * len(cases)
@@ -429,6 +441,8 @@ def evaluate(
                 edit_info, retention = resumed.edits, resumed.retention
                 for key in ("edit_s", "eval_s"):
                     timings[key] += resumed.timings.get(key, 0.0)
+                if kept is not None:  # the pristine scoring was done by the run that saved it
+                    timings["pre_s"] = resumed.timings.get("pre_s", timings["pre_s"])
                 stored = edit_info[-1]["stored_bytes"]
                 method_config = dict(session.history[0].config)
                 start = sum(len(g) for g in groups[:done])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmedit.core.context import with_context
-from lmedit.core.forward import HEAD_CHUNK, head_scores, pack, packed_hidden, score_logits
+from lmedit.core.forward import HEAD_CHUNK, head_scores, pack, packed_hidden, score_logits, seeded
 from lmedit.models import tokens
 
 __all__ = [
@@ -191,11 +191,12 @@ def generate_ids(
     top_k: int | None = None,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Greedy continuation token ids (left-padded batches, prompts sorted by length; input order kept).
+    """Continuation token ids, greedy or sampled (left-padded batches, prompts sorted by length; input order kept).
 
-    Generation stops at ``max_new_tokens`` or EOS (ids after EOS are dropped). With ``top_k``, tokens are
-    sampled from the ``top_k`` most likely instead, from a random state seeded with ``seed`` (the global one is
-    left as it was): the same seed gives the same continuations.
+    Generation stops at ``max_new_tokens`` or EOS (ids after EOS are dropped). With ``top_k``, each token is
+    sampled from the ``top_k`` most likely (temperature 1, no nucleus cut, whatever the model's generation
+    config says), from random generators seeded with ``seed`` and restored after (``core.forward.seeded``):
+    the same seed gives the same continuations.
     """
     model, tok = loaded
     device = loaded.device
@@ -203,11 +204,10 @@ def generate_ids(
     order = _order(prompts)
     eos = tok.eos_token_id
     out: list[list[int] | None] = [None] * len(prompts)
-    sampling = {"do_sample": False} if top_k is None else {"do_sample": True, "top_k": top_k}
-    rng = torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
-    with rng if top_k is not None else contextlib.nullcontext():
-        if top_k is not None:
-            torch.manual_seed(seed)
+    sampling: dict = {"do_sample": False}
+    if top_k is not None:
+        sampling = {"do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0}
+    with seeded(seed, device) if top_k is not None else contextlib.nullcontext():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = tokens.left_padded(tok, [prompts[i] for i in idx])

@@ -64,8 +64,8 @@ class LocateEditConfig(MethodConfig):
     template_source: Literal["fixed", "generated", "sampled"] = hp(
         "fixed",
         "fixed: bundled templates; generated: greedy continuations of 'The', 'Therefore', ...; sampled: "
-        "continuations of those words sampled from the model's top 5 tokens with the method's seed, as the "
-        "reference code's templates (10 tokens each; the templates used are recorded in the patch).",
+        "continuations of those words (in turn) sampled from the model's top 5 tokens with the method's seed, as "
+        "MEMIT's reference code and EasyEdit's MEMIT draw theirs (10 tokens each; recorded in the patch).",
     )
     n_templates: int = hp(
         len(DEFAULT_TEMPLATES),
