@@ -133,6 +133,21 @@ def test_batches_are_formed_by_suffix_length_and_results_come_back_in_request_or
         assert res.loss[i] == pytest.approx(alone.loss[0], rel=1e-5) and res.steps[i] == alone.steps[0]
 
 
+def test_essence_prompts_run_apart_from_the_prompts_so_neither_is_padded_to_the_other(smol_tok):
+    """The essence prompt's suffix ("{subject's last token} is a") is shorter than the edit prompt's: the two run
+    as separate parts of each step, so the positions computed are each row's own length, not the longest."""
+    from lmedit.core.values import _rows, _suffix_len
+
+    loaded = tiny_loaded("llama", smol_tok)
+    site = loaded.arch.module_name("mlp_out", 1)
+    req = EditRequest("{} was, as the records of the city archive show, founded by", "Ulm Minster", " Romans")
+    (kl_row,) = [r for r in _rows(loaded.tokenizer, [req], ["{}"], "{} is a") if r.kl]
+    prompt, essence = _suffix_len(loaded.tokenizer, req), len(kl_row.ids) - kl_row.subject
+    assert essence < prompt
+    res = optimize_values(loaded, [req], [site], ["{}"], steps=3, early_stop=0.0, kl_factor=0.5)
+    assert res.timing["positions"] == 3 * (prompt + essence) < 3 * 2 * prompt
+
+
 def test_stopped_requests_leave_the_batch_and_the_others_are_unaffected(smol_tok):
     """With an early-stop loss between the two requests' losses after 3 steps, one stops by step 3 and the other
     runs on alone: only its rows (2 templates + the essence prompt) are computed from then on, and each delta is
@@ -169,7 +184,8 @@ def test_layers_below_the_site_replay_without_changing_the_values(loaded, monkey
         replayed = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
     finally:
         handle.remove()
-    assert len(calls) == 2, "layer 0 runs in the prefix pass and the first suffix pass only"
+    # the prompts and the essence prompts run as two parts: each part's prefix pass and first suffix pass
+    assert len(calls) == 4, "layer 0 runs in each part's prefix pass and first suffix pass only"
     monkeypatch.setattr(values, "replay_below", lambda *a: contextlib.nullcontext(Replay()))
     full = optimize_values(loaded, [REQ, REQ2], [site], ["{}", "Therefore, {}"], **kw)
     torch.testing.assert_close(replayed.delta[site], full.delta[site], rtol=1e-6, atol=1e-7)

@@ -64,14 +64,20 @@ def seeded(seed: int, device: str | torch.device | None = None) -> Iterator[None
 
 
 class Replay:
-    """What ``replay_below`` recorded; ``select(rows)`` keeps only some rows of the batch for later passes."""
+    """What ``replay_below`` recorded; ``select(rows)`` keeps only some rows of the batch for later passes.
+
+    A loop that runs several different batches at every step (e.g. prompts and essence prompts apart) sets
+    ``slot`` before each: every slot records and replays its own batch.
+    """
 
     def __init__(self) -> None:
-        self.recorded: dict[int, object] = {}
-        self.shapes: dict[int, torch.Size | None] = {}
+        self.recorded: dict[tuple[int, int], object] = {}  # (slot, layer) -> the layer's output
+        self.shapes: dict[tuple[int, int], torch.Size | None] = {}
+        self.slot = 0
 
     def select(self, rows: torch.Tensor) -> None:
-        """Later passes run only ``rows`` of the recorded batch (their inputs must be those rows)."""
+        """Later passes of the current slot run only ``rows`` of its recorded batch (their inputs must be those
+        rows)."""
 
         def pick(x, n: int):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
@@ -80,10 +86,10 @@ class Replay:
                 return tuple(pick(y, n) for y in x)
             return x
 
-        for i, shape in self.shapes.items():
-            if shape is not None:
-                self.recorded[i] = pick(self.recorded[i], shape[0])
-                self.shapes[i] = torch.Size([len(rows), *shape[1:]])
+        for key, shape in self.shapes.items():
+            if key[0] == self.slot and shape is not None:
+                self.recorded[key] = pick(self.recorded[key], shape[0])
+                self.shapes[key] = torch.Size([len(rows), *shape[1:]])
 
 
 @contextlib.contextmanager
@@ -107,16 +113,18 @@ def replay_below(model: nn.Module, arch: ArchSpec, layer: int) -> Iterator[Repla
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs.get("hidden_states")
             shape = hidden.shape if isinstance(hidden, torch.Tensor) else None
-            if i in recorded:
-                if shape != shapes[i]:
+            key = (replay.slot, i)
+            if key in recorded:
+                if shape != shapes[key]:
                     raise RuntimeError(
-                        f"replay_below: layer {i} got inputs of shape {shape}, recorded {shapes[i]}"
+                        f"replay_below: layer {i} got inputs of shape {shape}, recorded {shapes[key]} "
+                        f"(slot {replay.slot})"
                     )
-                return recorded[i]
+                return recorded[key]
             with torch.no_grad():
-                recorded[i] = original(*args, **kwargs)
-            shapes[i] = shape
-            return recorded[i]
+                recorded[key] = original(*args, **kwargs)
+            shapes[key] = shape
+            return recorded[key]
 
         return forward
 
