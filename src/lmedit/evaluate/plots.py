@@ -81,7 +81,7 @@ def retention_compare(
     keys: tuple[str, ...] = ("reliability_tf", "generalization_tf", "locality_tf"),
 ) -> Path:
     """The retention curves of several sequential runs in one figure: one panel per metric, one line per run,
-    and a last panel of held-out perplexity (log scale) when any run measured it.
+    and a last panel of held-out perplexity when any run measured it (log scale when it spans more than 5x).
 
     Raises:
         ValueError: if no report has a retention curve.
@@ -111,12 +111,13 @@ def retention_compare(
             for pts, name in ppl:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-            ax.set_yscale("log")
-            from matplotlib.ticker import LogFormatter
+            values = [y for pts, _ in ppl for _x, y in pts]
+            if max(values) > 5 * min(values):  # a collapse next to intact runs: log scale, plain numbers
+                from matplotlib.ticker import LogFormatter
 
-            # plain numbers (90, 100, 200 rather than 9 x 10^1); minor ticks labelled as far as the span allows
-            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             ax.set_title("held-out perplexity (lower is better)", fontsize=9)
             ax.set_xlabel("edits applied")
             ax.grid(alpha=0.3, which="both")
