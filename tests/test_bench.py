@@ -190,6 +190,10 @@ def test_sequential_checkpoints_every_m_steps(tiny, dataset_file, tmp_path, caps
     assert (
         retention_compare([report, measured], ["a", "b"], tmp_path / "ppl.png").read_bytes()[:4] == b"\x89PNG"
     )
+    collapsed = dataclasses.replace(
+        measured, retention=[p | {"perplexity": 2000.0} for p in report.retention]
+    )
+    assert retention_compare([measured, collapsed], ["b", "c"], tmp_path / "log.png").exists()  # log scale
 
 
 def test_cli_compare(tiny, dataset_file, tmp_path, capsys):
