@@ -18,8 +18,8 @@ process, then each peer as a child process with its own virtualenv (``benchmarks
   (lmedit's default weight decay is ROME's 0.5: the loss then rarely falls below the early-stop 0.05);
 - protocol: ROME one request per edit, weights restored after each; MEMIT all cases in one batch;
 - context templates: lmedit's defaults (ROME 11, MEMIT 6: ``n_templates``; ``--templates N`` gives both the plain
-  prompt and the first N-1; ``--template-source sampled`` samples them from the model with top-k 5, as EasyEdit's MEMIT does); EasyEdit's
-  MEMIT generates 1 + 5 and its ROME 1 + 20.
+  prompt and the first N-1; ``--template-source sampled`` samples them from the model with top-k 5, as
+  EasyEdit's MEMIT does); EasyEdit's MEMIT generates 1 + 5 and its ROME 1 + 20.
 
 Reported per system: edit wall seconds per request (ROME median; MEMIT the batch / n), statistics seconds for the
 MEMIT layers, the process's peak RSS, and teacher-forced token accuracies (lmedit's reliability_tf /

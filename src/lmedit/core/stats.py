@@ -103,11 +103,14 @@ def _hash_tensor(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
+def _config_text(model) -> str:
+    return model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else ""
+
+
 def layer_fingerprints(loaded, layers: Sequence[int]) -> dict[int, str]:
     """Fingerprint of everything the keys of each layer depend on (see module docstring), 16 hex digits."""
     model, arch = loaded.model, loaded.arch
-    config = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else ""
-    h = hashlib.sha256(config.encode())
+    h = hashlib.sha256(_config_text(model).encode())
     h.update(_tensor_digest(next(iter(dict(model.named_parameters()).values()))))
     for name, p in model.named_parameters():
         if name.startswith(arch.embed + "."):
@@ -139,8 +142,7 @@ def model_fingerprint(loaded) -> str:
     """Fingerprint of the whole model (config, every parameter's digest as in ``layer_fingerprints``, device
     type), 16 hex digits: what a saved evaluation of the unedited model is checked against."""
     model = loaded.model
-    config = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else ""
-    h = hashlib.sha256(f"{config}|{torch.device(loaded.device).type}|".encode())
+    h = hashlib.sha256(f"{_config_text(model)}|{torch.device(loaded.device).type}|".encode())
     for name, p in model.named_parameters():
         h.update(name.encode() + _tensor_digest(p))
     return h.hexdigest()[:16]

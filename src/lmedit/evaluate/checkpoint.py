@@ -10,7 +10,8 @@ Lifelong runs take hours (1000 ROME edits on the bundled model: about 5 CPU-hour
   steps done, the per-step edit records, the retention curve and the time spent so far;
 - ``pristine.json``: the pristine model's scores of every case and its held-out perplexity, with the model's
   fingerprint (written with the first checkpoint): a resumed run whose unedited model has that fingerprint reads
-  its pre-edit reference from there instead of scoring the unedited model again (1000 cases on the bundled model: 134 s on one thread, plus the held-out perplexity);
+  its pre-edit reference from there instead of scoring the unedited model again (1000 cases on the bundled
+  model: 134 s on one thread, plus the held-out perplexity);
 - ``report.json``: a partial report (``meta.partial``) whose ``post`` is the latest checkpoint's scores, readable
   by ``lmedit bench --compare`` and ``benchmarks/lifelong.py`` while the run goes on; the full report once the
   run has finished (started again then, the run re-applies everything and only evaluates again).
