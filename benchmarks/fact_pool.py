@@ -8,6 +8,12 @@ paraphrase, neighbourhood or portability prompt of the first ``--eval-n`` record
     python benchmarks/fact_pool.py ../shared/data/counterfact/counterfact-edit.json --eval-n 1000 --start 5000 \\
         --out runs/cf-pool.json
     lmedit bench --method wise --n 1000 ... --set irrelevant_facts=runs/cf-pool.json
+
+A benchmark that evaluates other cases before these (the lifelong set ``bundled,counterfact-edit.json``) names
+them with ``--also``: their probes and subjects are kept out of the pool as well.
+
+    python benchmarks/fact_pool.py ../shared/data/counterfact/counterfact-edit.json --also bundled --eval-n 631 \\
+        --start 5000 --out runs/cf-pool-lifelong.json
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, required=True, help="the benchmark evaluates the first N cases")
     ap.add_argument("--start", type=int, required=True, help="first record of the pool (>= --eval-n)")
     ap.add_argument("--out", required=True, help="JSON list of the kept records, in the input's format")
+    ap.add_argument("--also", help="another evaluated dataset (name or file; a,b for several), all of its cases")
     args = ap.parse_args()
     if args.start < args.eval_n:
         raise SystemExit(f"--start ({args.start}) must be >= --eval-n ({args.eval_n})")
@@ -36,8 +43,10 @@ def main() -> None:
     def prompts(case) -> set[str]:
         return {p.prompt.rstrip() for kind in case.probes().values() for p in kind}
 
-    evaluated = set().union(*(prompts(c) for c in cases[: args.eval_n]))
-    subjects = [r.subject.lower() for c in cases[: args.eval_n] for r in c.requests]
+    others = load_dataset(args.also).cases if args.also else []
+    evaluated_cases = list(cases[: args.eval_n]) + list(others)
+    evaluated = set().union(*(prompts(c) for c in evaluated_cases))
+    subjects = [r.subject.lower() for c in evaluated_cases for r in c.requests]
     kept = []
     for rec, case in zip(records[args.start :], cases[args.start :], strict=True):
         ps = prompts(case)
