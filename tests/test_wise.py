@@ -19,6 +19,7 @@ from lmedit.methods.wise import (
     _shard_draws,
     contrast_prompts,
     corpus_windows,
+    fact_answers,
     fact_gen,
     fact_pool,
     fact_subjects,
@@ -141,6 +142,40 @@ def test_fact_pool_holds_the_cases_prompts_from_the_start_case_on():
     assert set(fact_pool("bundled", 0)) > set(pool)
 
 
+def test_fact_answers_groups_the_pool_by_true_answer():
+    from lmedit.data.loaders import load_dataset
+
+    cases = load_dataset("bundled").cases
+    groups = fact_answers("bundled", 5)
+    first = cases[5]
+    true = first.requests[0].target_true.strip().lower()
+    assert first.reliability[0].prompt.rstrip() in groups[true], "an edit prompt under its true target"
+    assert first.generalization[0].prompt.rstrip() in groups[true]
+    loc = first.locality[0]
+    assert loc.prompt.rstrip() in groups[loc.answer.strip().lower()], "a locality prompt under its own answer"
+    grouped = {p for ps in groups.values() for p in ps}
+    assert grouped == set(fact_pool("bundled", 5)), "exactly the pool's prompts (the cases from 5 on)"
+
+
+def test_object_contrast_adds_pool_prompts_with_the_edits_true_object(loaded):
+    kw = dict(
+        irrelevant_prompts=IRRELEVANT, irrelevant_corpus=None, irrelevant_facts="bundled", contrast_subjects=[],
+        steps=1, lr=1e-3,
+    )  # fmt: skip
+    paris = {**REQ, "target_true": " Paris"}
+    p = lmedit.edit(loaded, paris, method="wise", object_contrast=3, **kw)
+    assert p.info["object_contrast_prompts"] == 3
+    assert p.info["shards"][0]["irrelevant"] == len(IRRELEVANT) + 32 + 3
+    plain = lmedit.edit(loaded, paris, method="wise", **kw)
+    assert plain.info["object_contrast_prompts"] == 0
+    assert plain.info["shards"][0]["irrelevant"] == len(IRRELEVANT) + 32
+    unknown = lmedit.edit(loaded, {**REQ, "target_true": " Atlantis"}, method="wise", object_contrast=3, **kw)
+    assert unknown.info["object_contrast_prompts"] == 0, "an object the pool lacks adds nothing"
+    # the Paris prompts the pool holds besides the edited subject's: more than 3, so the cap is what binds
+    others = [q for q in fact_answers("bundled", 0)["paris"] if "eiffel tower" not in q.lower()]
+    assert len(others) > 3
+
+
 def test_pick_facts_skips_the_shards_subjects_and_is_seeded():
     pool = ("The Eiffel Tower is in", "Paris is the capital of", "the eiffel tower stands in", "Rome lies in")
     picked = pick_facts(pool, 3, ["Eiffel Tower"], fact_gen(0, 2))
@@ -209,6 +244,10 @@ def test_config_validation(loaded):
         lmedit.edit(loaded, REQ, method="wise", fact_contrast=4)
     with pytest.raises(ConfigError, match="fact_contrast must be >= 0"):
         lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", fact_contrast=-1)
+    with pytest.raises(ConfigError, match="object_contrast takes its prompts from irrelevant_facts"):
+        lmedit.edit(loaded, REQ, method="wise", object_contrast=4)
+    with pytest.raises(ConfigError, match="object_contrast must be >= 0"):
+        lmedit.edit(loaded, REQ, method="wise", irrelevant_facts="bundled", object_contrast=-1)
 
 
 def test_corpus_windows_are_full_length_packed_windows_or_a_clear_error(loaded, tmp_path):

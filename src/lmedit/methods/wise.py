@@ -197,6 +197,13 @@ class WiseConfig(MethodConfig):
         "other subject); the pool's last subjects are held out for the check "
         "info['heldout_neighbours_routed_to_side']. Needs irrelevant_facts (our addition; 0: off).",
     )
+    object_contrast: int = hp(
+        0,
+        "Prompts of the irrelevant_facts pool whose true answer is the edit's true object (target_true) added per "
+        "edit and shard as further irrelevant inputs: other subjects with the same relation and object, in the "
+        "pool's own phrasings - how CounterFact builds its neighbourhood prompts (our addition; needs "
+        "irrelevant_facts; 0: off; an edit without target_true, or whose object the pool lacks, gets none).",
+    )
     contrast_subjects: list[str] = hp(
         list(CONTRAST_SUBJECTS),
         "Subjects put into each edit's own prompt template to make further irrelevant inputs, so that the "
@@ -250,6 +257,10 @@ class WiseConfig(MethodConfig):
             raise ConfigError(f"fact_contrast must be >= 0 (0 turns it off), got {self.fact_contrast}")
         if self.fact_contrast and self.irrelevant_facts is None:
             raise ConfigError("fact_contrast takes its subjects from irrelevant_facts: set irrelevant_facts")
+        if self.object_contrast < 0:
+            raise ConfigError(f"object_contrast must be >= 0 (0 turns it off), got {self.object_contrast}")
+        if self.object_contrast and self.irrelevant_facts is None:
+            raise ConfigError("object_contrast takes its prompts from irrelevant_facts: set irrelevant_facts")
         if self.replay_keys < 0:
             raise ConfigError(f"replay_keys must be >= 0 (0 turns replay off), got {self.replay_keys}")
         if self.cov_weight < 0:
@@ -364,6 +375,24 @@ def fact_subjects(dataset: str, start: int) -> tuple[str, ...]:
     """The subjects of ``dataset``'s cases from ``start`` on (every request's), deduplicated in file order."""
     cases = load_dataset(dataset).cases[start:]
     return tuple(dict.fromkeys(r.subject for c in cases for r in c.requests if r.subject))
+
+
+def _answer_key(text: str) -> str:
+    return text.strip().lower()
+
+
+@functools.lru_cache(maxsize=4)
+def fact_answers(dataset: str, start: int) -> dict[str, tuple[str, ...]]:
+    """``fact_pool``'s prompts grouped by their true answer (stripped, lower-cased): edit prompts and paraphrases
+    under their case's true target (those without one are left out), locality prompts under their own answer."""
+    groups: dict[str, dict[str, None]] = {}
+    for c in load_dataset(dataset).cases[start:]:
+        for kind in (c.reliability, c.generalization, c.locality):
+            for p in kind:
+                true = p.answer if kind is c.locality else p.compare
+                if p.prompt.strip() and true and true.strip():
+                    groups.setdefault(_answer_key(true), {})[p.prompt.rstrip()] = None
+    return {a: tuple(ps) for a, ps in groups.items()}
 
 
 def pick_facts(pool: tuple[str, ...], k: int, subjects: list[str], gen: torch.Generator | None) -> list[str]:
@@ -564,6 +593,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
     held_facts: list[str] = []
     train_subjects: tuple[str, ...] = ()
     held_neighbours: list[str] = []  # each edit's template filled with held-out pool subjects
+    by_object: dict[str, tuple[str, ...]] = {}  # training prompts of the pool by true answer
     if config.irrelevant_facts is not None:
         facts = fact_pool(config.irrelevant_facts, config.irrelevant_facts_from)
         if len(facts) < HELDOUT_FACTS + config.irrelevant_fact_samples:
@@ -584,6 +614,10 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             train_subjects = subjects[:-HELDOUT_FACTS]
             held = pick_facts(subjects[-HELDOUT_FACTS:], HELDOUT_FACTS, [r.subject for r in requests], None)
             held_neighbours = [c for r in requests for c in contrast_prompts(r, held)]
+        if config.object_contrast:
+            train = set(train_facts)
+            groups = fact_answers(config.irrelevant_facts, config.irrelevant_facts_from)
+            by_object = {a: tuple(p for p in ps if p in train) for a, ps in groups.items()}
     x_edit = module_inputs(loaded, path, prompts)
     contrast = [contrast_prompts(r, config.contrast_subjects) for r in requests]
     flat = iter(module_inputs(loaded, path, [c for cs in contrast for c in cs]))
@@ -611,6 +645,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         mom2 = covs[layer].float() / scale**2  # [d_in, d_in]
     shards: list[tuple[torch.Tensor, torch.Tensor]] = []
     shard_log: list[dict] = []
+    n_object = 0  # object_contrast prompts trained against, all shards
     for s in range(0, len(requests), config.edits_per_shard):
         reqs = requests[s : s + config.edits_per_shard]
         index, passages = _shard_draws(
@@ -624,6 +659,12 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         if config.fact_contrast:  # the shard's templates with real subjects from the pool
             names = pick_facts(train_subjects, config.fact_contrast, subjects, fgen)
             facts += [c for r in reqs for c in contrast_prompts(r, names)]
+        if config.object_contrast:  # other subjects with the same relation and object
+            for r in reqs:
+                same = by_object.get(_answer_key(r.target_true or ""), ())
+                picked = pick_facts(same, config.object_contrast, subjects, fgen)
+                n_object += len(picked)
+                facts += picked
         x_facts = module_inputs(loaded, path, facts) if facts else []
         gen = fact_gen(config.seed, -1 - n_earlier - s)
         replay = torch.randperm(len(chain_keys), generator=gen)[: config.replay_keys]
@@ -709,6 +750,7 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
         "heldout_facts_max_activation": float(act_hf.max()) if len(act_hf) else None,
         "heldout_facts_routed_to_side": int((act_hf > epsilon).sum()),
         "heldout_neighbours": len(act_hn),
+        "object_contrast_prompts": n_object,
         "heldout_neighbours_routed_to_side": int((act_hn > epsilon).sum()),
         "earlier_keys_routed_to_side": int(
             (torch.linalg.vector_norm(chain_keys @ final, dim=-1) > epsilon).sum()
