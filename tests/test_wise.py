@@ -79,6 +79,56 @@ def test_routing_uses_the_side_memory_once_the_running_max_activation_exceeds_ep
     assert prompt_activation([x[0], x[1]], delta).tolist() == [5.0, 0.5]
 
 
+def test_routing_in_a_packed_row_looks_only_at_each_positions_own_sequence():
+    delta = torch.zeros(3, 2)
+    delta[0] = t(3, 4)
+    # one row packing two sequences: the first activates (5 at its 2nd token), the second does not
+    x = torch.tensor([[[0, 1, 0], [1, 0, 0], [0, 0, 1], [0.1, 0, 0], [0, 1, 0]]], dtype=torch.float32)
+    out = torch.arange(10, dtype=torch.float32).reshape(1, 5, 2)
+    visible = torch.zeros(1, 5, 5, dtype=torch.bool)
+    visible[0, :3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    visible[0, 3:, 3:] = torch.ones(2, 2, dtype=torch.bool).tril()
+    got = side_memory_forward(x, out, delta, 2.0, visible)
+    assert torch.equal(got[0, 3:], out[0, 3:]), "the second sequence is not routed by the first one's maximum"
+    assert torch.equal(got[0, 2], out[0, 2] + x[0, 2] @ delta), "the first sequence keeps its own running max"
+    assert torch.equal(got[0, :3], side_memory_forward(x[:, :3], out[:, :3], delta, 2.0)[0])
+    assert not torch.equal(side_memory_forward(x, out, delta, 2.0)[0, 3:], out[0, 3:]), (
+        "without the mask it would"
+    )
+    with pytest.raises(PatchError, match="sequence mask"):
+        side_memory_forward(x, out, delta, 2.0, visible[:, :4, :4])
+
+
+@pytest.mark.parametrize("last_layer", [False, True])
+def test_packed_scoring_of_a_wise_model_equals_scoring_each_prompt_alone(loaded, last_layer):
+    """Teacher-forced scoring packs several prompts into a row: an edit prompt packed before an unrelated one
+    must not route the unrelated one to the side memory (the running maximum is per sequence)."""
+    from lmedit.evaluate.scoring import score_pairs
+
+    layer = {"layer": loaded.arch.n_layers(loaded.model) - 1} if last_layer else {}
+    p = lmedit.edit(
+        loaded, REQ, method="wise", irrelevant_prompts=IRRELEVANT, irrelevant_corpus=None, mask_ratio=1.0,
+        steps=60, lr=0.2, **layer,
+    )  # fmt: skip
+    path = p.adapters[0].module
+    prompts = [
+        REQ["prompt"],
+        *UNRELATED_PROMPTS[3:9],
+        REQ["prompt"],
+        "The Colosseum is located in the city of",
+    ]
+    targets = [REQ["target_new"]] + [" Paris"] * (len(prompts) - 1)
+    with p.applied(loaded):
+        act = prompt_activation(module_inputs(loaded, path, prompts), loaded.model.get_submodule(path).delta)
+        eps = p.adapters[0].config["epsilon"]
+        assert act[0] > eps and (act[1:] <= eps).sum() >= 3, "the edit prompt routes, some unrelated ones do not"
+        together = score_pairs(loaded, prompts, targets)
+        alone = [score_pairs(loaded, [q], [a])[0] for q, a in zip(prompts, targets)]
+    for got, want in zip(together, alone):
+        assert got.argmax == want.argmax
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
 def test_contrast_prompts_put_other_subjects_into_the_edit_template():
     req = EditRequest(**dict(REQ, prompt="The {} is located in the city of "))
     got = contrast_prompts(req, ["Big Ben", "Eiffel Tower", "Louvre"])

@@ -22,10 +22,12 @@ they follow ``model.to(...)``; the spec keeps the exact tensors the patch was ma
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -76,13 +78,40 @@ class AdapterSpec:
         }
 
 
+#: [rows, width, width] bool while a forward pass packs several sequences into each row: True where a position
+#: (dim 1) sees a position (dim 2) of its own sequence (``sequence_mask``); None: each row is one sequence.
+_SEQUENCE_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "lmedit_sequence_mask", default=None
+)
+
+
+@contextlib.contextmanager
+def sequence_mask(visible: torch.Tensor) -> Iterator[None]:
+    """Tell sequence-stateful adapters (``AdapterWrapper.sequence_state``) which positions of a row belong to
+    each position's own sequence, for a forward pass that packs several sequences into one row.
+
+    Args:
+        visible: [rows, width, width] bool, True where the position of dim 1 may look at the one of dim 2 (its own
+            sequence, itself and earlier: the packed pass's attention mask).
+    """
+    token = _SEQUENCE_MASK.set(visible)
+    try:
+        yield
+    finally:
+        _SEQUENCE_MASK.reset(token)
+
+
 class AdapterWrapper(nn.Module):
     """Base class of wrapper modules: ``forward(x, ...) = adapt(x, base_layer(x, ...))``.
 
     Subclasses set ``kind`` and implement ``adapt``; they are registered with ``@register_adapter``.
+    ``sequence_state`` is True for a wrapper whose output at a position depends on other positions of its
+    sequence (WISE's running maximum): a pass that packs sequences must run under ``sequence_mask``, and no
+    pass may feed it a subset of a sequence's positions as if they were a sequence.
     """
 
     kind: ClassVar[str] = ""
+    sequence_state: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, spec: AdapterSpec, previous: AdapterWrapper | None = None):
         super().__init__()
@@ -236,7 +265,11 @@ class GraceCodebook(AdapterWrapper):
 
 # ------------------------------------------------------------------------------------------------------ WISE
 def side_memory_forward(
-    x: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, epsilon: float
+    x: torch.Tensor,
+    out: torch.Tensor,
+    delta: torch.Tensor,
+    epsilon: float,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WISE's routing between the main memory (the base output) and the side memory ``W_v' = W_v + delta``.
 
@@ -250,13 +283,24 @@ def side_memory_forward(
         out: base module output ``W_v A(x)`` (+ bias) [..., pos, d_out].
         delta: [d_in, d_out] side-memory change ``(W_v' - W_v)`` in input-major layout.
         epsilon: routing threshold.
+        visible: [..., pos, pos] bool when a row packs several sequences (``sequence_mask``): the maximum at a
+            position is then taken over the positions it sees (its own sequence up to itself), not over the row.
 
     Returns:
         [..., pos, d_out]: ``out + x @ delta`` at routed positions, ``out`` bit for bit elsewhere.
     """
     side = x @ delta.to(device=x.device, dtype=x.dtype)  # [..., pos, d_out]
     act = torch.linalg.vector_norm(side.float(), dim=-1)  # [..., pos]
-    routed = act.cummax(dim=-1).values > epsilon  # [..., pos]
+    if visible is None:
+        top = act.cummax(dim=-1).values  # [..., pos]
+    else:
+        if tuple(visible.shape) != (*act.shape, act.shape[-1]):
+            raise PatchError(
+                f"WISE side memory: the packed pass's sequence mask {tuple(visible.shape)} does not match the "
+                f"projection's input {tuple(x.shape)}"
+            )
+        top = act[..., None, :].masked_fill(~visible.to(act.device), float("-inf")).amax(-1)  # [..., pos]
+    routed = top > epsilon  # [..., pos]
     return torch.where(routed[..., None], out + side.to(out.dtype), out)
 
 
@@ -292,6 +336,7 @@ class WiseSideMemory(AdapterWrapper):
     """
 
     kind = "wise"
+    sequence_state = True
 
     def build_buffers(self, tensors: dict[str, torch.Tensor], previous: AdapterWrapper | None) -> dict:
         cfg = self.spec.config
@@ -336,7 +381,9 @@ class WiseSideMemory(AdapterWrapper):
             self._saved = None
 
     def adapt(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return side_memory_forward(x, out, self.delta, float(self.spec.config["epsilon"]))
+        return side_memory_forward(
+            x, out, self.delta, float(self.spec.config["epsilon"]), _SEQUENCE_MASK.get()
+        )
 
 
 # ------------------------------------------------------------------------------------------------- T-Patcher

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmedit.core.adapters import sequence_mask
 from lmedit.core.hooks import Trace
 from lmedit.models.arch import ArchSpec, final_logits, get_submodule
 from lmedit.models.tokens import PairBatch
@@ -518,7 +519,8 @@ def packed_hidden(
     allowed = packing.allowed(rows, w).to(param.device)
     mask = torch.zeros(allowed.shape, dtype=param.dtype, device=param.device)
     mask.masked_fill_(~allowed, torch.finfo(param.dtype).min)
-    with Trace(model, arch.ln_f, stop=True) as tr, last_mlp_only(model, arch, keep):
+    # sequence-stateful adapters (WISE's running maximum) must not look across the row's sequences
+    with sequence_mask(allowed), Trace(model, arch.ln_f, stop=True) as tr, last_mlp_only(model, arch, keep):
         model(
             input_ids=packing.input_ids[idx, :w].to(param.device),
             attention_mask=mask[:, None],  # [rows, 1, w, w], additive
@@ -534,7 +536,8 @@ def last_mlp_only(model: nn.Module, arch: ArchSpec, keep: tuple[torch.Tensor, to
 
     Nothing after the last layer mixes positions, so the final states at ``keep`` are exact; the MLP's output
     elsewhere is zero (those states are wrong and must not be read). The MLP is the module holding the output
-    projection; where that is the decoder layer itself (OPT) or ``keep`` is None, nothing changes.
+    projection; where that is the decoder layer itself (OPT), ``keep`` is None, or the MLP holds an adapter
+    whose output depends on the other positions of the sequence (WISE), nothing changes.
     """
     last = arch.n_layers(model) - 1
     path = arch.module_name("mlp_out", last).rpartition(".")[0]
@@ -542,6 +545,9 @@ def last_mlp_only(model: nn.Module, arch: ArchSpec, keep: tuple[torch.Tensor, to
         yield
         return
     mlp = get_submodule(model, path)
+    if any(getattr(m, "sequence_state", False) for m in mlp.modules()):
+        yield
+        return
     shape: list[torch.Size] = []
 
     def pre(_mod, args, kwargs):
