@@ -100,9 +100,12 @@ def test_routing_in_a_packed_row_looks_only_at_each_positions_own_sequence():
 
 
 @pytest.mark.parametrize("last_layer", [False, True])
-def test_packed_scoring_of_a_wise_model_equals_scoring_each_prompt_alone(loaded, last_layer):
+def test_packed_scoring_of_a_wise_model_equals_scoring_each_prompt_alone(loaded, last_layer, monkeypatch):
     """Teacher-forced scoring packs several prompts into a row: an edit prompt packed before an unrelated one
     must not route the unrelated one to the side memory (the running maximum is per sequence)."""
+    import contextlib
+
+    from lmedit.core import forward
     from lmedit.evaluate.scoring import score_pairs
 
     layer = {"layer": loaded.arch.n_layers(loaded.model) - 1} if last_layer else {}
@@ -111,22 +114,30 @@ def test_packed_scoring_of_a_wise_model_equals_scoring_each_prompt_alone(loaded,
         steps=60, lr=0.2, **layer,
     )  # fmt: skip
     path = p.adapters[0].module
-    prompts = [
-        REQ["prompt"],
-        *UNRELATED_PROMPTS[3:9],
-        REQ["prompt"],
-        "The Colosseum is located in the city of",
+    # the packer puts the widest unit first, then fills the row from the narrowest up: here the Louvre prompt
+    # (16 tokens), the short ones, the edit prompt (10), then two unrouted sentences of 11 and 12 tokens after it
+    longer = [
+        UNRELATED_PROMPTS[3],
+        UNRELATED_PROMPTS[6],
+        "The Louvre is located in the city of Paris, France, and it is",
     ]
+    prompts = [REQ["prompt"], *longer, "The capital of Japan is", "Water boils at"]
     targets = [REQ["target_new"]] + [" Paris"] * (len(prompts) - 1)
     with p.applied(loaded):
         act = prompt_activation(module_inputs(loaded, path, prompts), loaded.model.get_submodule(path).delta)
         eps = p.adapters[0].config["epsilon"]
-        assert act[0] > eps and (act[1:] <= eps).sum() >= 3, "the edit prompt routes, some unrelated ones do not"
+        assert act[0] > eps and (act[1:] <= eps).sum() >= 3, "the edit prompt routes, unrelated ones do not"
         together = score_pairs(loaded, prompts, targets)
         alone = [score_pairs(loaded, [q], [a])[0] for q, a in zip(prompts, targets)]
     for got, want in zip(together, alone):
         assert got.argmax == want.argmax
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    # control: with the routing maximum running along the packed row, the packed scores would differ
+    monkeypatch.setattr(forward, "sequence_mask", lambda _visible: contextlib.nullcontext())
+    monkeypatch.setattr(forward, "last_mlp_only", lambda *_a: contextlib.nullcontext())
+    with p.applied(loaded):
+        leaky = score_pairs(loaded, prompts, targets)
+    assert any(got.logprobs != pytest.approx(want.logprobs, abs=1e-4) for got, want in zip(leaky, alone))
 
 
 def test_contrast_prompts_put_other_subjects_into_the_edit_template():

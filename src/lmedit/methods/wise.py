@@ -661,7 +661,8 @@ def run_wise(loaded, requests: list[EditRequest], config: WiseConfig) -> EditPat
             facts += [c for r in reqs for c in contrast_prompts(r, names)]
         if config.object_contrast:  # other subjects with the same relation and object
             for r in reqs:
-                same = by_object.get(_answer_key(r.target_true or ""), ())
+                taken = set(facts)  # a prompt drawn already would weigh twice in the margin loss
+                same = tuple(q for q in by_object.get(_answer_key(r.target_true or ""), ()) if q not in taken)
                 picked = pick_facts(same, config.object_contrast, subjects, fgen)
                 n_object += len(picked)
                 facts += picked
