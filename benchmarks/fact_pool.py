@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, required=True, help="the benchmark evaluates the first N cases")
     ap.add_argument("--start", type=int, required=True, help="first record of the pool (>= --eval-n)")
     ap.add_argument("--out", required=True, help="JSON list of the kept records, in the input's format")
-    ap.add_argument("--also", help="another evaluated dataset (name or file; a,b for several), all of its cases")
+    ap.add_argument(
+        "--also", help="another evaluated dataset (name or file; a,b for several), all of its cases"
+    )
     args = ap.parse_args()
     if args.start < args.eval_n:
         raise SystemExit(f"--start ({args.start}) must be >= --eval-n ({args.eval_n})")
