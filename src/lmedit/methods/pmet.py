@@ -52,6 +52,7 @@ class PMETConfig(MEMITConfig):
 #: per-layer with clamp 2: 1.00 / 1.00 / 0.45) (BENCHMARKS.md, sessions 9-10).
 PRESETS = MEMIT_PRESETS | {
     "gemma3-270m": {"layers": [1], "mom2_update_weight": 2000.0, "clamp_norm_factor": 2.0},
+    "smollm2-135m": {"layers": [3, 4, 5, 6, 7]},  # measured with lam 15000 (sessions 9-10), not MEMIT's 2000
 }
 
 
